@@ -1,0 +1,34 @@
+"""moe-engine: run Hugging Face Mixture-of-Experts checkpoints with experts offloaded under a hard budget.
+
+Example::
+
+    import moe_engine
+    model = moe_engine.from_pretrained(path, budget="256MiB", policy="lru", device="cpu")
+    out = model.generate(input_ids, max_new_tokens=32)
+    print(model.engine.stats())
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from moe_engine.loader import from_pretrained as from_pretrained
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy: importing moe_engine (e.g. for the CLI's --help) must not import torch/transformers.
+    if name == "from_pretrained":
+        from moe_engine.loader import from_pretrained
+
+        return from_pretrained
+    if name == "default_model_path":
+        from moe_engine.default_model import default_model_path
+
+        return default_model_path
+    raise AttributeError(f"module 'moe_engine' has no attribute {name!r}")
+
+
+__all__ = ["from_pretrained", "default_model_path", "__version__"]

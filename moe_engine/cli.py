@@ -1,0 +1,85 @@
+"""Command-line entry point: ``moe-engine <command> [options]``.
+
+Each command lives in its own module under ``moe_engine/commands/`` and exposes
+
+* ``NAME``: the sub-command name (``"generate"``),
+* ``HELP``: one line shown by ``moe-engine --help``,
+* ``DESCRIPTION``: the longer text shown by ``moe-engine NAME --help``,
+* ``add_arguments(parser)``: declares its options (every option has a ``help=``),
+* ``run(args) -> int``: does the work and returns the exit code.
+
+Command modules import heavy libraries (torch, transformers, pulp) inside ``run`` so that
+``moe-engine --help`` stays fast. Add a command by adding its module name to ``COMMANDS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+# Module names under moe_engine.commands, in the order --help lists them.
+COMMANDS: tuple[str, ...] = (
+    "generate",
+    "bench",
+    "trace",
+    "plan",
+    "plan_eval",
+    "eval_predictors",
+    "simulate",
+)
+
+
+class UserError(Exception):
+    """Bad input from the user: printed as ``error: <message>`` with exit code 2, no traceback."""
+
+
+def _available_commands() -> list:
+    mods = []
+    for name in COMMANDS:
+        try:
+            mods.append(importlib.import_module(f"moe_engine.commands.{name}"))
+        except ModuleNotFoundError as exc:  # a command not written yet is simply not listed
+            if exc.name != f"moe_engine.commands.{name}":
+                raise
+    return mods
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="moe-engine",
+        description="Run Mixture-of-Experts models with experts offloaded under a hard memory budget.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for mod in _available_commands():
+        p = sub.add_parser(
+            mod.NAME,
+            help=mod.HELP,
+            description=getattr(mod, "DESCRIPTION", mod.HELP),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 0
+    try:
+        return int(args._run(args) or 0)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError) as exc:
+        # Library errors for bad input carry a message that names the problem and the fix.
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
