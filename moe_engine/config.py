@@ -1,0 +1,108 @@
+"""Engine configuration: the budget grammar and the frozen ``EngineConfig`` passed down explicitly.
+
+Glossary: the *budget* is the number of bytes of fast tier that expert slots may use (non-expert
+weights and activations are separate). It is given as bytes (``123456``), a string with a unit
+(``"512MB"``, ``"2GiB"``), or a fraction of all expert bytes (``0.25``).
+
+Example::
+
+    cfg = EngineConfig(budget=parse_budget("256MiB"), policy="lru")
+    resolve_budget(cfg.budget, total_expert_bytes=10**9)   # -> 268435456
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+_UNITS = {
+    "": 1, "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+    "k": 2**10, "m": 2**20, "g": 2**30,
+}  # fmt: skip
+
+BudgetSpec = int | float | str
+
+
+def parse_budget(spec: BudgetSpec) -> int | float:
+    """Validate a budget: returns an int (bytes) or a float fraction in (0, 1].
+
+    Raises ValueError with the accepted forms when the spec cannot be read.
+    """
+    forms = "bytes (268435456), a size with a unit ('512MB', '2GiB') or a fraction of expert bytes (0.25)"
+    if isinstance(spec, bool):
+        raise ValueError(f"budget {spec!r} is not valid; give {forms}")
+    if isinstance(spec, int):
+        if spec <= 0:
+            raise ValueError(f"budget {spec} must be positive; give {forms}")
+        return spec
+    if isinstance(spec, float):
+        if not 0.0 < spec <= 1.0:
+            raise ValueError(f"budget fraction {spec} must be in (0, 1]; give {forms}")
+        return spec
+    if isinstance(spec, str):
+        s = spec.strip().lower().replace(" ", "").replace("_", "")
+        m = re.fullmatch(r"([0-9]*\.?[0-9]+(?:e[0-9]+)?)([a-z%]*)", s)
+        if m:
+            num, unit = float(m.group(1)), m.group(2)
+            if unit == "%":
+                return parse_budget(num / 100.0)
+            if unit == "" and "." in m.group(1) and num <= 1.0:
+                return parse_budget(num)
+            if unit in _UNITS and num > 0:
+                return int(num * _UNITS[unit])
+        raise ValueError(f"budget {spec!r} is not valid; give {forms}")
+    raise ValueError(f"budget {spec!r} of type {type(spec).__name__} is not valid; give {forms}")
+
+
+def resolve_budget(budget: int | float, total_expert_bytes: int) -> int:
+    """Bytes allowed for expert slots: a fraction is taken of ``total_expert_bytes``."""
+    if isinstance(budget, float):
+        return int(budget * total_expert_bytes)
+    return int(budget)
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How the engine runs. ``budget`` is bytes (int) or a fraction of all expert bytes (float).
+
+    * ``policy``: eviction policy name from ``moe_engine.policies`` or ``"none"`` (load on demand,
+      nothing kept after use).
+    * ``predictor``: predictor name from ``predictors`` (``None`` disables prefetch).
+    * ``prefetch_distance``: how many MoE layers ahead to prefetch.
+    * ``max_prefetch_inflight``: at most this many experts loading by prefetch at once.
+    * ``page_cache``: allow the OS page cache to keep expert file pages (default off, so the budget is real).
+    * ``io_threads``: slow-tier reader threads (CPU mover).
+    * ``host_tier``: on CUDA, ``"pinned"`` keeps all experts in pinned host RAM, ``"disk"`` streams them.
+    """
+
+    budget: int | float = 0.25
+    policy: str = "lru"
+    predictor: str | None = None
+    prefetch_distance: int = 1
+    max_prefetch_inflight: int = 8
+    page_cache: bool = False
+    io_threads: int = 2
+    host_tier: str = "pinned"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "budget", parse_budget(self.budget))
+        if self.prefetch_distance < 1:
+            raise ValueError(f"prefetch_distance must be >= 1, got {self.prefetch_distance}")
+        if self.max_prefetch_inflight < 0:
+            raise ValueError("max_prefetch_inflight must be >= 0")
+        if self.io_threads < 1:
+            raise ValueError("io_threads must be >= 1")
+        if self.host_tier not in ("pinned", "disk"):
+            raise ValueError(f"host_tier must be 'pinned' or 'disk', got {self.host_tier!r}")
+        if self.policy == "none" and self.predictor is not None:
+            raise ValueError("policy='none' keeps nothing resident, so prefetch cannot work: set predictor=None")

@@ -1,0 +1,187 @@
+"""The engine: one object per offloaded model tying store, cache, mover, predictor and stats together,
+and the ``OffloadedExperts`` module that replaces each MoE layer's experts module on the model instance.
+
+Data flow of one MoE layer (see DESIGN.md): the model's own router produces ``top_k_index`` and
+``top_k_weights``; ``OffloadedExperts.forward`` (same signature as transformers' fused experts) hands
+them to ``Engine.experts_forward``, which asks the predictor about the next layers and prefetches,
+then computes every routed expert as the cache yields it (resident ones first) and sums the outputs in
+expert order, exactly as the stock module does, so results are bit-identical whatever the load order.
+
+Example::
+
+    model = moe_engine.from_pretrained(path, budget=0.25)
+    model.engine.stats().hit_rate
+    model.engine.reset_stats()
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from moe_engine.cache import ExpertCache
+from moe_engine.config import EngineConfig
+from moe_engine.mover import Mover
+from moe_engine.policies import ExpertKey
+from moe_engine.stats import EngineStats, LayerStats
+from moe_engine.store import CheckpointStore
+
+
+@dataclass(frozen=True)
+class MoELayerInfo:
+    """One MoE layer of the model: its decoder-layer index and expert shapes."""
+
+    moe_index: int
+    decoder_layer: int
+    num_experts: int
+    top_k: int
+
+
+class Engine:
+    def __init__(
+        self,
+        *,
+        config: EngineConfig,
+        store: CheckpointStore,
+        cache: ExpertCache,
+        mover: Mover,
+        layers: list[MoELayerInfo],
+        budget_bytes: int,
+        predictor=None,
+        device: torch.device,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.cache = cache
+        self.mover = mover
+        self.layers = layers
+        self.budget_bytes = budget_bytes
+        self.predictor = predictor
+        self.device = device
+        self._history: list[torch.Tensor] = []
+        self.predict_seconds = 0.0
+
+    # ------------------------------------------------------------------ stats
+    @property
+    def expert_bytes(self) -> int:
+        return self.cache.expert_bytes
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def stats(self) -> EngineStats:
+        """A snapshot (copy) of the counters."""
+        s = copy.deepcopy(self.cache.stats)
+        s.resident_bytes = len(self.cache.slot_of) * self.cache.expert_bytes
+        return s
+
+    def reset_stats(self) -> None:
+        """Zero the counters (residency is kept; peak resident bytes restarts from the current residency)."""
+        st = self.cache.stats
+        fresh = EngineStats(
+            budget_bytes=st.budget_bytes,
+            expert_bytes=st.expert_bytes,
+            num_slots=st.num_slots,
+            per_layer=[LayerStats() for _ in self.layers],
+        )
+        fresh.resident_bytes = fresh.peak_resident_bytes = len(self.cache.slot_of) * self.cache.expert_bytes
+        # Mutate in place: the cache holds a reference.
+        st.__dict__.update(fresh.__dict__)
+
+    def close(self) -> None:
+        self.cache.wait_all()
+        self.mover.close()
+        self.store.close()
+
+    # ------------------------------------------------------------------ prefetch
+    def _prefetch(self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor) -> None:
+        from predictors.base import PredictionContext
+
+        t0 = time.perf_counter()
+        if layer == 0 or len(self._history) != layer or (self._history and self._history[0].shape[0] != top_k_index.shape[0]):
+            self._history = []
+        self._history.append(top_k_index)
+        if len(self._history) != layer + 1:  # a layer was skipped (should not happen): no history to trust
+            return
+        ctx = PredictionContext(layer=layer, history=torch.stack(self._history, dim=1), gate_input=hidden)
+        ranked: list[ExpertKey] = []
+        for d in range(1, self.config.prefetch_distance + 1):
+            target = layer + d
+            if target >= self.num_layers:
+                break
+            info = self.layers[target]
+            scores = self.predictor.scores(ctx, d)  # [T, E]
+            k = min(info.top_k, scores.shape[-1])
+            top = scores.topk(k, dim=-1).indices  # [T, k]
+            votes = torch.bincount(top.flatten(), minlength=scores.shape[-1]).float()
+            rank = votes + 1e-3 * scores.float().softmax(-1).sum(0)  # ties broken by total probability
+            chosen = rank.argsort(descending=True)[: int((votes > 0).sum())]
+            ranked.extend((target, int(e)) for e in chosen.tolist())
+        protected = {(layer, int(e)) for e in torch.unique(top_k_index).tolist()}
+        self.cache.prefetch(ranked, protected)
+        self.predict_seconds += time.perf_counter() - t0
+
+    # ------------------------------------------------------------------ compute
+    def experts_forward(
+        self,
+        layer: int,
+        hidden_states: torch.Tensor,
+        top_k_index: torch.Tensor,
+        top_k_weights: torch.Tensor,
+        act_fn,
+        num_experts: int,
+    ) -> torch.Tensor:
+        """Same contract as transformers' fused ``*Experts.forward``: ``hidden_states [T, H]``,
+        ``top_k_index [T, K]``, ``top_k_weights [T, K]`` -> ``[T, H]``."""
+        with torch.no_grad():
+            expert_mask = torch.nn.functional.one_hot(top_k_index, num_classes=num_experts + 1)  # [T, K, E+1]
+            expert_mask = expert_mask.permute(2, 1, 0)  # [E+1, K, T]
+            hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero().flatten().tolist()
+        experts = [e for e in hit if e != num_experts]
+        if self.predictor is not None:
+            self._prefetch(layer, hidden_states, top_k_index)
+        outputs: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+        for e, gate_up, down in self.cache.iter_experts(layer, experts):
+            top_k_pos, token_idx = torch.where(expert_mask[e])
+            current_state = hidden_states[token_idx]
+            gate, up = nn.functional.linear(current_state, gate_up).chunk(2, dim=-1)
+            current = act_fn(gate) * up
+            current = nn.functional.linear(current, down)
+            current = current * top_k_weights[token_idx, top_k_pos, None]
+            outputs.append((e, token_idx, current))
+        # Sum in expert order, as the stock module does, so the result does not depend on load order.
+        final = torch.zeros_like(hidden_states)
+        for _, token_idx, current in sorted(outputs, key=lambda o: o[0]):
+            final.index_add_(0, token_idx, current.to(final.dtype))
+        return final
+
+
+class OffloadedExperts(nn.Module):
+    """Drop-in replacement for a transformers fused experts module whose weights live in the engine."""
+
+    def __init__(self, moe_index: int, num_experts: int, intermediate: int, hidden: int, act_fn) -> None:
+        super().__init__()
+        self.moe_index = moe_index
+        self.num_experts = num_experts
+        self.intermediate_dim = intermediate
+        self.hidden_dim = hidden
+        self.act_fn = act_fn
+        self._engine: Engine | None = None  # plain attribute: the engine is not a submodule
+
+    def attach(self, engine: Engine) -> None:
+        object.__setattr__(self, "_engine", engine)
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        if self._engine is None:
+            raise RuntimeError("OffloadedExperts used before an engine was attached")
+        return self._engine.experts_forward(
+            self.moe_index, hidden_states, top_k_index, top_k_weights, self.act_fn, self.num_experts
+        )
+
+    def extra_repr(self) -> str:
+        return f"moe_index={self.moe_index}, num_experts={self.num_experts}, offloaded"

@@ -1,0 +1,287 @@
+"""``from_pretrained``: build a transformers MoE model whose routed experts live in the engine.
+
+Steps: validate the path and config; pick the architecture adapter by ``config.model_type``; index
+the safetensors files (headers only; truncated/corrupt files fail here); build the model with
+parameters on the meta device (``accelerate.init_empty_weights``); replace every MoE block's experts
+module with ``OffloadedExperts`` on this instance; load the non-expert tensors one by one, renamed
+with transformers' own checkpoint conversion rules; locate each routed expert's bytes on disk; create
+the slots under the budget, the mover and (optionally) the predictor.
+
+The full expert set is never materialised: experts are only ever read into slots (or, on CUDA with
+``host_tier="pinned"``, into pinned host memory, the slow tier).
+
+Example::
+
+    model = from_pretrained("path/to/mixtral", budget="4GiB", policy="lru", device="cpu")
+    model.generate(input_ids, max_new_tokens=32)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moe_engine.adapters import Adapter, get_adapter, moe_blocks, parse_expert_key
+from moe_engine.cache import ExpertCache
+from moe_engine.config import EngineConfig, format_bytes, resolve_budget
+from moe_engine.engine import Engine, MoELayerInfo, OffloadedExperts
+from moe_engine.mover import CudaMover, Mover, ThreadMover
+from moe_engine.policies import make_policy
+from moe_engine.stats import EngineStats, LayerStats
+from moe_engine.store import CheckpointError, CheckpointStore, ExpertLocation, expert_location
+
+logger = logging.getLogger(__name__)
+
+_AUTO = "auto"
+
+
+def _resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or device == _AUTO:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} was requested but CUDA is not available; use device='cpu'")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r} is not supported; use 'cpu' or 'cuda'")
+    return dev
+
+
+def _load_config(path: Path):
+    from transformers import AutoConfig
+
+    if not path.exists():
+        raise FileNotFoundError(
+            f"model path {path} does not exist; moe-engine loads a local checkpoint directory "
+            "(config.json + *.safetensors), e.g. one written by save_pretrained"
+        )
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"no config.json in {path}; point --model at a Hugging Face checkpoint directory")
+    return AutoConfig.from_pretrained(path)
+
+
+def _expert_locations(
+    store: CheckpointStore, adapter: Adapter, moe_of_decoder: dict[int, int], num_experts: int, inter: int, hidden: int
+) -> dict[tuple[int, int], ExpertLocation]:
+    parts: dict[tuple[int, int], dict[str, Any]] = {}
+    for name, loc in store.tensors.items():
+        parsed = parse_expert_key(name, adapter)
+        if parsed is None:
+            continue
+        dec, expert, part = parsed
+        if dec not in moe_of_decoder:
+            raise CheckpointError(
+                f"checkpoint tensor {name} is a routed expert of decoder layer {dec}, which the config "
+                "does not make a MoE layer: the checkpoint does not match its config.json"
+            )
+        moe = moe_of_decoder[dec]
+        if expert is None:  # fused tensor [E, ...]: one row per expert
+            if loc.shape[0] != num_experts:
+                raise CheckpointError(f"fused expert tensor {name} has {loc.shape[0]} experts, config says {num_experts}")
+            for e in range(num_experts):
+                parts.setdefault((moe, e), {})[part] = (name, e)
+        else:
+            parts.setdefault((moe, expert), {})[part] = name
+    shapes = {"gate": (inter, hidden), "up": (inter, hidden), "down": (hidden, inter), "gate_up": (2 * inter, hidden)}
+    out = {}
+    for moe in moe_of_decoder.values():
+        for e in range(num_experts):
+            if (moe, e) not in parts:
+                raise CheckpointError(
+                    f"checkpoint {store.root} has no weights for expert {e} of MoE layer {moe}; it is incomplete"
+                )
+            out[(moe, e)] = expert_location(store, parts[(moe, e)], shapes)
+    return out
+
+
+def _load_dense_weights(model, store: CheckpointStore, adapter: Adapter, device: torch.device) -> None:
+    """Load every non-expert tensor into the meta-built model, renamed as transformers would."""
+    from accelerate.utils import set_module_tensor_to_device
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, rename_source_key
+
+    renamings = [t for t in get_model_conversion_mapping(model) if not isinstance(t, WeightConverter)]
+    expected = model.state_dict()
+    loaded: set[str] = set()
+    for name in store.tensors:
+        if parse_expert_key(name, adapter) is not None:
+            continue
+        target, _ = rename_source_key(name, renamings, [], model.base_model_prefix, expected)
+        if target not in expected:
+            logger.info("ignoring checkpoint tensor %s (no such parameter in the model)", name)
+            continue
+        value = store.read_tensor(name)
+        if tuple(value.shape) != tuple(expected[target].shape):
+            raise CheckpointError(
+                f"checkpoint tensor {name} has shape {tuple(value.shape)} but the model expects "
+                f"{tuple(expected[target].shape)}: the checkpoint does not match its config.json"
+            )
+        set_module_tensor_to_device(model, target, device, value=value)
+        loaded.add(target)
+    model.tie_weights()
+    missing = [k for k, v in model.state_dict().items() if v.device.type == "meta"]
+    if missing:
+        shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+        raise CheckpointError(
+            f"checkpoint {store.root} lacks {len(missing)} tensor(s) the model needs ({shown}); "
+            "it is incomplete or does not match its config.json"
+        )
+
+
+def from_pretrained(
+    path: str | os.PathLike,
+    budget: int | float | str = 0.25,
+    policy: str = "lru",
+    device: str | torch.device | None = None,
+    *,
+    dtype: torch.dtype | str | None = None,
+    predictor: Any = _AUTO,
+    prefetch_distance: int = 1,
+    max_prefetch_inflight: int = 8,
+    page_cache: bool = False,
+    io_threads: int = 2,
+    host_tier: str = "pinned",
+    progress: bool = False,
+):
+    """Load a Hugging Face MoE checkpoint with its routed experts offloaded under ``budget``.
+
+    Args:
+        path: local checkpoint directory (config.json + safetensors, sharded or not).
+        budget: fast-tier bytes for experts: int bytes, a string ("2GiB", "512MB") or a fraction (0.25)
+            of all expert bytes. Must hold at least one expert.
+        policy: eviction policy (``moe_engine.policies.available_policies()``) or "none" (no cache).
+        device: "cuda" (default when available) or "cpu".
+        dtype: compute dtype (default: the checkpoint's ``config.dtype``, else float32).
+        predictor: "cross_layer_gate" (default, unless policy="none"), another registered predictor
+            name, a ``predictors.Predictor`` instance, or None to disable prefetch.
+        prefetch_distance: MoE layers ahead to prefetch.
+        page_cache: let the OS page cache keep expert pages (off: the budget is the real bound).
+        host_tier: on CUDA, "pinned" (all experts in pinned host RAM) or "disk" (streamed from files).
+
+    Returns:
+        the transformers ``PreTrainedModel`` (forward and ``generate`` work), with ``model.engine``.
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    path = Path(path)
+    if predictor == _AUTO:
+        predictor = None if policy == "none" else "cross_layer_gate"
+    cfg = EngineConfig(
+        budget=budget,
+        policy=policy,
+        predictor=predictor if (predictor is None or isinstance(predictor, str)) else type(predictor).__name__,
+        prefetch_distance=prefetch_distance,
+        max_prefetch_inflight=max_prefetch_inflight,
+        page_cache=page_cache,
+        io_threads=io_threads,
+        host_tier=host_tier,
+    )
+    if policy != "none":
+        make_policy(policy, num_layers=1, num_experts=1, capacity=1)  # unknown names fail before any work
+    dev = _resolve_device(device)
+    config = _load_config(path)
+    adapter = get_adapter(config)
+    store = CheckpointStore.open(path, page_cache=page_cache)
+    try:
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
+        if dtype is None:
+            dtype = getattr(config, "dtype", None) or torch.float32
+            if isinstance(dtype, str):
+                dtype = getattr(torch, dtype)
+        assert isinstance(dtype, torch.dtype)
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+        # Replace each routed-experts module on this instance (no class is patched).
+        blocks = moe_blocks(model)
+        if not blocks:
+            raise ValueError(f"{path}: the model has no MoE layers (check the config's expert settings)")
+        layers: list[MoELayerInfo] = []
+        modules: list[OffloadedExperts] = []
+        shapes = set()
+        for moe_index, (dec, block) in enumerate(blocks):
+            old = block.experts
+            n_exp, two_i, hidden = old.gate_up_proj.shape
+            shapes.add((n_exp, two_i // 2, hidden))
+            top_k = int(getattr(block.gate, "top_k", getattr(config, "num_experts_per_tok", 1)))
+            new = OffloadedExperts(moe_index, n_exp, two_i // 2, hidden, old.act_fn)
+            block.experts = new
+            modules.append(new)
+            layers.append(MoELayerInfo(moe_index, dec, n_exp, top_k))
+        if len(shapes) != 1:
+            raise ValueError(f"experts of different shapes across layers are not supported: {sorted(shapes)}")
+        (num_experts, inter, hidden) = shapes.pop()
+
+        _load_dense_weights(model, store, adapter, dev)
+        model.to(dev)
+        locations = _expert_locations(store, adapter, {i.decoder_layer: i.moe_index for i in layers}, num_experts, inter, hidden)
+
+        expert_bytes = 3 * inter * hidden * dtype.itemsize
+        total = expert_bytes * len(locations)
+        budget_bytes = resolve_budget(cfg.budget, total)
+        if budget_bytes < expert_bytes:
+            raise ValueError(
+                f"budget {format_bytes(budget_bytes)} ({budget_bytes} bytes) is smaller than one expert "
+                f"({format_bytes(expert_bytes)}, {expert_bytes} bytes at {dtype}); give at least "
+                f"{expert_bytes} bytes or a fraction >= {expert_bytes / total:.4f} of all expert bytes"
+            )
+        num_slots = min(budget_bytes // expert_bytes, len(locations))
+        stats = EngineStats(
+            budget_bytes=budget_bytes, expert_bytes=expert_bytes, num_slots=num_slots,
+            per_layer=[LayerStats() for _ in layers],
+        )  # fmt: skip
+        mover: Mover
+        if dev.type == "cuda":
+            mover = CudaMover(
+                store, sorted(locations.items()), 3 * inter * hidden, dtype, dev, num_slots,
+                host_tier=host_tier, io_threads=io_threads, progress=progress or None,
+            )  # fmt: skip
+        else:
+            mover = ThreadMover(store, io_threads=io_threads)
+        pol = make_policy(
+            "lru" if policy == "none" else policy, num_layers=len(layers), num_experts=num_experts, capacity=num_slots
+        )
+        cache = ExpertCache(
+            num_slots=num_slots, intermediate=inter, hidden=hidden, dtype=dtype, device=dev, policy=pol,
+            mover=mover, locate=locations.__getitem__, stats=stats, budget_bytes=budget_bytes,
+            keep_resident=policy != "none", max_prefetch_inflight=max_prefetch_inflight,
+        )  # fmt: skip
+        pred = _build_predictor(predictor, model, adapter) if predictor is not None else None
+        engine = Engine(
+            config=cfg, store=store, cache=cache, mover=mover, layers=layers,
+            budget_bytes=budget_bytes, predictor=pred, device=dev,
+        )  # fmt: skip
+        for m in modules:
+            m.attach(engine)
+        model.engine = engine
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(path)
+        except OSError:
+            pass
+        model.eval()
+        return model
+    except BaseException:
+        store.close()
+        raise
+
+
+def _build_predictor(predictor: Any, model, adapter: Adapter):
+    from predictors import Predictor, make_predictor
+
+    if isinstance(predictor, Predictor):
+        return predictor
+    if predictor == "cross_layer_gate":
+        routers = [block.gate for _, block in moe_blocks(model)]
+        biases = [getattr(r, "e_score_correction_bias", None) for r in routers]
+        return make_predictor(
+            "cross_layer_gate",
+            router_weights=[r.weight.detach() for r in routers],
+            score=adapter.router_score,
+            biases=biases if any(b is not None for b in biases) else None,
+        )
+    return make_predictor(predictor)
