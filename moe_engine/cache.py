@@ -69,6 +69,7 @@ class ExpertCache:
         self.pins = [0] * num_slots
         self.tickets: dict[int, Ticket] = {}
         self.prefetched: set[ExpertKey] = set()  # resident by prefetch, not used since
+        self._unjudged: set[ExpertKey] = set()  # prefetched for a layer that has not run since
         self.free: list[int] = list(range(num_slots - 1, -1, -1))
         self._protected: set[ExpertKey] = set()
 
@@ -156,6 +157,12 @@ class ExpertCache:
         self.policy.layer_start(layer)
         keys = [(layer, e) for e in experts]
         ls = self._layer((layer, 0))
+        judged = {k for k in self._unjudged if k[0] == layer}
+        if judged:  # prefetches aimed at this layer that it does not use were mispredictions
+            wrong = len(judged - set(keys))
+            ls.mispredictions += wrong
+            self.stats.mispredictions += wrong
+            self._unjudged -= judged
         to_load: deque[ExpertKey] = deque()
         for k in keys:
             if k in self.slot_of:
@@ -237,6 +244,7 @@ class ExpertCache:
                 break
             self._load(k, slot, prefetch=True)
             self.prefetched.add(k)
+            self._unjudged.add(k)
             self.policy.insert(k, prefetch=True)
             self._layer(k).prefetches += 1
             self.stats.prefetches += 1

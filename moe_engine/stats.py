@@ -2,7 +2,8 @@
 
 Glossary: a *hit* is a demanded expert that was resident (or already loading by prefetch) when its
 layer started; a *miss* had to be loaded on demand. A *prefetch hit* is a hit owed to a prefetch; a
-*wasted prefetch* was evicted before any layer used it. *Stall* is time compute waited for copies.
+*wasted prefetch* was evicted before any layer used it; a *misprediction* is a prefetch whose
+target layer then ran without it (it may still be used later). *Stall* is time compute waited for copies.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ class LayerStats:
     prefetch_hits: int = 0
     prefetches: int = 0
     wasted_prefetches: int = 0
+    mispredictions: int = 0
     bytes_moved: int = 0
     prefetch_bytes: int = 0
     stall_seconds: float = 0.0
@@ -36,6 +38,7 @@ class EngineStats:
     prefetch_hits: int = 0
     prefetches: int = 0
     wasted_prefetches: int = 0
+    mispredictions: int = 0
     bytes_moved: int = 0
     prefetch_bytes: int = 0
     stall_seconds: float = 0.0
