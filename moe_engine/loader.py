@@ -27,7 +27,7 @@ import torch
 
 from moe_engine.adapters import Adapter, get_adapter, moe_blocks, parse_expert_key
 from moe_engine.cache import ExpertCache
-from moe_engine.config import EngineConfig, format_bytes, resolve_budget
+from moe_engine.config import EngineConfig, format_bytes, parse_budget, resolve_budget
 from moe_engine.engine import Engine, MoELayerInfo, OffloadedExperts
 from moe_engine.mover import CudaMover, Mover, ThreadMover
 from moe_engine.policies import make_policy
@@ -101,9 +101,9 @@ def _load_dense_weights(model, store: CheckpointStore, adapter: Adapter, device:
     """Load every non-expert tensor into the meta-built model, renamed as transformers would."""
     from accelerate.utils import set_module_tensor_to_device
     from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import WeightConverter, rename_source_key
+    from transformers.core_model_loading import WeightRenaming, rename_source_key
 
-    renamings = [t for t in get_model_conversion_mapping(model) if not isinstance(t, WeightConverter)]
+    renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
     expected = model.state_dict()
     loaded: set[str] = set()
     for name in store.tensors:
@@ -171,7 +171,7 @@ def from_pretrained(
     if predictor == _AUTO:
         predictor = None if policy == "none" else "cross_layer_gate"
     cfg = EngineConfig(
-        budget=budget,
+        budget=parse_budget(budget),
         policy=policy,
         predictor=predictor if (predictor is None or isinstance(predictor, str)) else type(predictor).__name__,
         prefetch_distance=prefetch_distance,
@@ -205,7 +205,7 @@ def from_pretrained(
         modules: list[OffloadedExperts] = []
         shapes = set()
         for moe_index, (dec, block) in enumerate(blocks):
-            old = block.experts
+            old: Any = block.experts
             n_exp, two_i, hidden = old.gate_up_proj.shape
             shapes.add((n_exp, two_i // 2, hidden))
             top_k = int(getattr(block.gate, "top_k", getattr(config, "num_experts_per_tok", 1)))
@@ -239,7 +239,7 @@ def from_pretrained(
         if dev.type == "cuda":
             mover = CudaMover(
                 store, sorted(locations.items()), 3 * inter * hidden, dtype, dev, num_slots,
-                host_tier=host_tier, io_threads=io_threads, progress=progress or None,
+                host_tier=host_tier, io_threads=io_threads, progress=progress,
             )  # fmt: skip
         else:
             mover = ThreadMover(store, io_threads=io_threads)
@@ -276,7 +276,7 @@ def _build_predictor(predictor: Any, model, adapter: Adapter):
     if isinstance(predictor, Predictor):
         return predictor
     if predictor == "cross_layer_gate":
-        routers = [block.gate for _, block in moe_blocks(model)]
+        routers: list[Any] = [block.gate for _, block in moe_blocks(model)]
         biases = [getattr(r, "e_score_correction_bias", None) for r in routers]
         return make_predictor(
             "cross_layer_gate",

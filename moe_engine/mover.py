@@ -24,7 +24,7 @@ from __future__ import annotations
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
@@ -123,7 +123,7 @@ class CudaMover(Mover):
         num_slots: int,
         host_tier: str = "pinned",
         io_threads: int = 2,
-        progress: Callable | None = None,
+        progress: bool = False,
     ) -> None:
         assert torch.cuda.is_available()
         self.store = store
@@ -138,7 +138,7 @@ class CudaMover(Mover):
         self.slot_numel, self.dtype = slot_numel, dtype
         if host_tier == "pinned":
             # Slow tier = pinned host RAM: one contiguous pinned buffer per expert, so a transfer is one copy.
-            for key, loc in tqdm(locations, desc="pinning experts in host memory", unit="expert", disable=progress is None):
+            for key, loc in tqdm(locations, desc="pinning experts in host memory", unit="expert", disable=not progress):
                 buf = torch.empty(slot_numel, dtype=dtype, pin_memory=True)
                 store.read_expert_into(loc, buf)
                 self._host[key] = buf

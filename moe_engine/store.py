@@ -23,6 +23,7 @@ import json
 import os
 import struct
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -153,7 +154,7 @@ class CheckpointStore:
         """Read ``loc`` into the uint8 array ``out`` (len == loc.nbytes); drops the pages unless page_cache."""
         assert out.dtype == np.uint8 and out.nbytes == loc.nbytes, (out.dtype, out.nbytes, loc.nbytes)
         fd = self._fd(loc.file)
-        view = memoryview(out)
+        view = memoryview(out)  # type: ignore[arg-type]  # numpy arrays export the buffer protocol
         done = 0
         while done < loc.nbytes:  # preadv may return short reads
             n = os.preadv(fd, [view[done:]], loc.offset + done)
@@ -213,7 +214,7 @@ class CheckpointStore:
 
 
 def expert_location(
-    store: CheckpointStore, parts: dict[str, str | tuple[str, int]], shapes: dict[str, tuple[int, ...]]
+    store: CheckpointStore, parts: Mapping[str, str | tuple[str, int]], shapes: Mapping[str, tuple[int, ...]]
 ) -> ExpertLocation:
     """Build an ExpertLocation from part names.
 
