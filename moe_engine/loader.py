@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from moe_engine.adapters import Adapter, get_adapter, moe_blocks, parse_expert_key
 from moe_engine.cache import ExpertCache
@@ -97,7 +98,9 @@ def _expert_locations(
     return out
 
 
-def _load_dense_weights(model, store: CheckpointStore, adapter: Adapter, device: torch.device) -> None:
+def _load_dense_weights(
+    model, store: CheckpointStore, adapter: Adapter, device: torch.device, progress: bool = False
+) -> None:
     """Load every non-expert tensor into the meta-built model, renamed as transformers would."""
     from accelerate.utils import set_module_tensor_to_device
     from transformers.conversion_mapping import get_model_conversion_mapping
@@ -106,9 +109,8 @@ def _load_dense_weights(model, store: CheckpointStore, adapter: Adapter, device:
     renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
     expected = model.state_dict()
     loaded: set[str] = set()
-    for name in store.tensors:
-        if parse_expert_key(name, adapter) is not None:
-            continue
+    names = [n for n in store.tensors if parse_expert_key(n, adapter) is None]
+    for name in tqdm(names, desc="loading non-expert weights", unit="tensor", disable=not progress):
         target, _ = rename_source_key(name, renamings, [], model.base_model_prefix, expected)
         if target not in expected:
             logger.info("ignoring checkpoint tensor %s (no such parameter in the model)", name)
@@ -217,7 +219,7 @@ def from_pretrained(
             raise ValueError(f"experts of different shapes across layers are not supported: {sorted(shapes)}")
         (num_experts, inter, hidden) = shapes.pop()
 
-        _load_dense_weights(model, store, adapter, dev)
+        _load_dense_weights(model, store, adapter, dev, progress)
         model.to(dev)
         locations = _expert_locations(store, adapter, {i.decoder_layer: i.moe_index for i in layers}, num_experts, inter, hidden)
 
