@@ -20,6 +20,7 @@ Example::
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 import threading
@@ -87,10 +88,16 @@ def _read_header(file: Path) -> tuple[int, dict]:
         if name == "__metadata__":
             continue
         try:
-            b, e = info["data_offsets"]
-            _ = _DTYPES[info["dtype"]]
+            b, e = (int(x) for x in info["data_offsets"])
+            dtype = _DTYPES[info["dtype"]]
+            numel = math.prod(int(d) for d in info["shape"])
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"safetensors file {file}: entry {name!r} is corrupt or has an unknown dtype; {hint}") from None
+        if not 0 <= b <= e or e - b != numel * dtype.itemsize:
+            raise CheckpointError(
+                f"safetensors file {file} is corrupt: entry {name!r} spans {e - b} bytes but its shape "
+                f"{info['shape']} and dtype {info['dtype']} need {numel * dtype.itemsize}; {hint}"
+            )
         end = max(end, e)
     if data_start + end > size:
         raise CheckpointError(
