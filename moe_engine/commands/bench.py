@@ -1,0 +1,142 @@
+"""``moe-engine bench``: measure the engine against offloading baselines (code in ``benchmarks/``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+NAME = "bench"
+HELP = "benchmark the engine at several budgets against accelerate offloading and load-on-demand"
+DESCRIPTION = """\
+Measure decode and prefill speed, peak memory and bytes read from disk for the engine at several
+expert budgets and for two baselines, in one run on the same prompt (batch 1, a fixed prompt of token
+ids, greedy decoding). Each system runs in its own subprocess, with the model's files dropped from the
+OS page cache first, so every run starts cold and reads its experts from disk.
+
+Systems (--systems):
+  lru         the engine, LRU expert cache, no prediction; swept over --budgets
+  prefetch    the engine with the cross-layer-gate predictor prefetching the next layer's experts
+  ondemand    the engine with no cache (policy "none"): every expert is read when it is needed
+  accelerate  Hugging Face accelerate offloading, what a user would try first:
+              from_pretrained(device_map="auto", max_memory={"cpu": cap}, offload_folder=...),
+              cap = non-expert bytes + budget x expert bytes (the same memory the engine gets).
+              Its offloaded weights are read through the OS page cache, which keeps them when RAM
+              is free: the cap bounds its RSS, not the memory it uses (see the pcache column)
+  accelerate_cold  the same, with the page cache of the model's and offload folder's files
+              dropped before every forward pass: accelerate where RAM really is the cap
+  A name alone runs at --ref-budget (lru: at every --budgets); NAME@F runs at budget F.
+
+Writes BENCH.json (settings, every figure, ratios against accelerate, the acceptance checks) and
+BENCH.png (decode tok/s and peak memory against budget) into --out, with BENCH = bench_<model>,
+and prints a table.
+
+Examples:
+  moe-engine bench --large                       # the generated 2 GB checkpoint, all systems
+  moe-engine bench --model ./my-moe --budgets 0.25,0.5 --systems lru,accelerate
+"""
+
+
+def _fractions(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated fractions like 0.125,0.25, got {text!r}") from None
+    if not values or any(not 0 < v <= 1 for v in values):
+        raise argparse.ArgumentTypeError(f"budgets are fractions of expert bytes in (0, 1], got {text!r}")
+    return values
+
+
+def _fraction(text: str) -> float:
+    (value,) = _fractions(text)
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from benchmarks.make_checkpoint import DEFAULT_LARGE_DIR
+
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--model", metavar="PATH",
+                       help="checkpoint folder to benchmark (default: the project's default model; if it is "
+                            "not available, the generated large checkpoint as with --large)")
+    which.add_argument("--large", action="store_true",
+                       help="benchmark the generated Mixtral-layout checkpoint whose experts total 2.2 GB "
+                            "in bf16 (8 layers x 16 experts, hidden 1024, FFN 2816); generated with a "
+                            "fixed seed on first use and cached in --large-dir")
+    parser.add_argument("--large-dir", default=str(DEFAULT_LARGE_DIR), metavar="DIR",
+                        help="where the large checkpoint is cached (default: %(default)s)")
+    parser.add_argument("--budgets", type=_fractions, default=(0.125, 0.25, 0.5, 1.0), metavar="F,F,...",
+                        help="expert budgets, as fractions of all expert bytes, that 'lru' is swept over "
+                             "(default: 0.125,0.25,0.5,1.0)")
+    parser.add_argument("--ref-budget", type=_fraction, default=0.25, metavar="F",
+                        help="budget for systems named without @F (all but lru); the "
+                             "acceptance checks compare systems at it (default: %(default)s)")
+    parser.add_argument("--systems", default="lru,prefetch,ondemand,accelerate,accelerate_cold", metavar="LIST",
+                        help="comma-separated systems to run, each NAME or NAME@F (default: %(default)s)")
+    parser.add_argument("--decode-tokens", type=int, default=32, metavar="N",
+                        help="tokens decoded greedily after the prompt (default: %(default)s)")
+    parser.add_argument("--prompt-tokens", type=int, default=64, metavar="N",
+                        help="length of the fixed prompt, in token ids drawn with --seed (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the prompt's token ids (default: %(default)s)")
+    parser.add_argument("--timeout", type=float, default=900.0, metavar="SECONDS",
+                        help="wall-clock limit of each system run; a run past it is killed and reported "
+                             "as timed out, with the tokens it had decoded (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="torch threads in every run (default: torch's default, one per core)")
+    parser.add_argument("--out", default="benchmarks/results", metavar="DIR",
+                        help="folder for bench_<model>.json and .png (default: %(default)s)")
+
+
+def _resolve_model(args: argparse.Namespace) -> tuple[Path, str]:
+    """The checkpoint to benchmark and its short name for the output files."""
+    from moe_engine.cli import UserError
+
+    if args.model:
+        path = Path(args.model).expanduser()
+        if not (path / "config.json").is_file():
+            raise UserError(f"--model {args.model}: no config.json there; pass a Hugging Face checkpoint folder")
+        return path, path.resolve().name
+    if not args.large:
+        try:
+            import moe_engine
+
+            path = Path(moe_engine.default_model_path())
+            if not (path / "config.json").is_file():
+                raise FileNotFoundError(path)
+            return path, "default"
+        except (ImportError, AttributeError, FileNotFoundError, OSError) as exc:
+            print(f"note: the project's default model is not available ({type(exc).__name__}: {exc}); "
+                  "benchmarking the generated large checkpoint instead (as with --large)", file=sys.stderr)
+    from benchmarks.make_checkpoint import CheckpointSpec, ensure_checkpoint
+
+    path = ensure_checkpoint(args.large_dir, CheckpointSpec())
+    return path, "mixtral-2g"
+
+
+def run(args: argparse.Namespace) -> int:
+    from benchmarks.bench_offload import (
+        BenchSettings,
+        format_table,
+        parse_systems,
+        run_benchmark,
+        write_report,
+    )
+    from moe_engine.cli import UserError
+
+    if args.decode_tokens < 1 or args.prompt_tokens < 1:
+        raise UserError("--decode-tokens and --prompt-tokens must be at least 1")
+    try:
+        runs = parse_systems(args.systems, args.budgets, args.ref_budget)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    path, name = _resolve_model(args)
+    settings = BenchSettings(
+        model_path=str(path), model_name=name, systems=tuple(r.label for r in runs), ref_budget=args.ref_budget,
+        prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens, seed=args.seed,
+        timeout_s=args.timeout, threads=args.threads,
+    )
+    report = run_benchmark(settings)
+    json_path, png_path = write_report(report, args.out)
+    print(format_table(report))
+    print(f"\nwrote {json_path} and {png_path}")
+    return 0
