@@ -37,14 +37,16 @@ def test_generated_checkpoint_is_a_complete_mixtral(tiny_bench_checkpoint: Path)
     assert (path / "config.json").stat().st_mtime_ns == mtime
 
 
-def test_bench_cli_runs_every_system(tiny_bench_checkpoint: Path, tmp_path: Path,
+def test_bench_cli_end_to_end(tiny_bench_checkpoint: Path, tmp_path: Path,
                                      capsys: pytest.CaptureFixture[str]) -> None:
     from predictors import available_predictors
 
-    # The prefetching system needs the cross-layer-gate predictor (predictors/gate.py).
+    # The prefetching system needs the cross-layer-gate predictor (predictors/gate.py). Each system is a
+    # subprocess importing torch and transformers; to keep this test short, "ondemand" (which differs
+    # from "lru" by its policy name only) and "accelerate" (which differs from "accelerate_cold" by the
+    # page-cache hook only) are left out.
     with_prefetch = "cross_layer_gate" in available_predictors()
-    systems = ("lru@0.25," + ("prefetch@0.25," if with_prefetch else "")
-               + "ondemand@0.25,accelerate@0.25,accelerate_cold@0.25")
+    systems = "lru@0.25," + ("prefetch@0.25," if with_prefetch else "") + "accelerate_cold@0.25"
     rc = main(["bench", "--model", str(tiny_bench_checkpoint), "--systems", systems, "--decode-tokens", "2",
                "--prompt-tokens", "8", "--threads", "1", "--out", str(tmp_path)])
     assert rc == 0
@@ -56,19 +58,17 @@ def test_bench_cli_runs_every_system(tiny_bench_checkpoint: Path, tmp_path: Path
         assert r["status"] == "ok", r["error"]
         assert r["new_tokens"] == 2 and r["decode_tok_s"] > 0 and r["prefill_tok_s"] > 0
         assert r["peak_rss_bytes"] > 0 and r["disk_read_generate_bytes"] is not None
-        assert r["vs_accelerate"]["run"] == "accelerate@0.25"
-        assert r["vs_accelerate_cold"]["run"] == "accelerate_cold@0.25"
-    assert results["accelerate@0.25"]["tokens"] == results["accelerate_cold@0.25"]["tokens"]
+        assert r["vs_accelerate"] is None and r["vs_accelerate_cold"]["run"] == "accelerate_cold@0.25"
     for label in [k for k in results if not k.startswith("accelerate")]:
         stats = results[label]["engine_stats"]
         assert stats["bytes_moved"] > 0 and stats["peak_resident_bytes"] <= stats["budget_bytes"]
         # Prefetch and caching change timing only, never the tokens.
         assert results[label]["tokens"] == results["lru@0.25"]["tokens"]
-    assert results["accelerate@0.25"]["memory_cap_bytes"] > 0
+    assert results["accelerate_cold@0.25"]["memory_cap_bytes"] > 0
     checked = [c["name"] for c in report["checks"]]
-    assert len(checked) == 2 + with_prefetch and "accelerate_cold@0.25" in checked[1]
+    assert len(checked) == 1 + with_prefetch and "accelerate_cold@0.25" in checked[0]
     out = capsys.readouterr().out
-    assert "accelerate@0.25" in out and "decode" in out
+    assert "accelerate_cold@0.25" in out and "decode" in out
 
 
 def test_a_run_past_its_timeout_is_reported_as_timed_out(tiny_bench_checkpoint: Path) -> None:
