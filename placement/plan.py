@@ -1,0 +1,250 @@
+"""Placement plans: the ``moe-placement/1`` JSON format, its loader, and evaluation on any trace.
+
+A plan maps each (MoE layer, expert) to its primary device, and may add replicas of hot experts in spare
+slots. A replicated expert carries a route table: ``route[g]`` is the device whose copy a token should use
+when it comes from device g (the device of the token's highest-weight expert at the previous layer; at
+the first MoE layer, the token's home device ``t % G``).
+
+Format (JSON)::
+
+    {"format": "moe-placement/1", "num_devices": G, "num_nodes": N, "moe_layers": [1, 2, ...],
+     "experts": [[device of expert e at layer l for e] for l],
+     "replicas": {"<layer index>": {"<expert>": {"devices": [primary, replica, ...], "route": [G ints]}}},
+     "objective": {...}, "trace": {...}}
+
+Layer indices in ``experts`` and ``replicas`` count MoE layers from 0 (position in ``moe_layers``).
+
+Metrics (``evaluate_plan``), over every token and every pair of consecutive MoE layers, all K x K slot pairs:
+    cross_device_share: fraction of pairs whose two experts' chosen copies are on different devices;
+    cross_node_share: ... on different nodes; cost_per_pair: mean transition cost under a Topology;
+    load: per layer, max device load / mean device load (tokens x slots).
+
+Example::
+
+    plan = load_plan("plan.json")
+    evaluate_plan(plan, expert_ids).cross_device_share
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from placement.affinity import validate_expert_ids
+from placement.topology import Topology
+
+FORMAT = "moe-placement/1"
+
+
+@dataclass(frozen=True)
+class Replica:
+    """Copies of one expert: ``devices[0]`` is the primary; ``route[g]`` is the copy used from device g."""
+
+    devices: tuple[int, ...]
+    route: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class PlacementPlan:
+    experts: np.ndarray  # [L, E] primary device of each expert
+    num_devices: int
+    num_nodes: int = 1
+    moe_layers: tuple[int, ...] = ()
+    replicas: dict[int, dict[int, Replica]] = field(default_factory=dict)  # layer index -> expert -> copies
+    objective: dict[str, Any] = field(default_factory=dict)
+    trace: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        experts = np.asarray(self.experts)
+        if experts.ndim != 2 or not np.issubdtype(experts.dtype, np.integer):
+            raise ValueError(f"experts must be an [L, E] integer array, got shape {experts.shape}")
+        Topology(self.num_devices, self.num_nodes)  # validates devices / nodes
+        if experts.size and (experts.min() < 0 or experts.max() >= self.num_devices):
+            raise ValueError(f"experts holds a device outside 0..{self.num_devices - 1}")
+        if self.moe_layers and len(self.moe_layers) != experts.shape[0]:
+            raise ValueError(f"moe_layers has {len(self.moe_layers)} entries but experts has {experts.shape[0]} layers")
+        for layer, reps in self.replicas.items():
+            if not 0 <= layer < experts.shape[0]:
+                raise ValueError(f"replicas name layer index {layer}, outside 0..{experts.shape[0] - 1}")
+            for e, rep in reps.items():
+                if not 0 <= e < experts.shape[1]:
+                    raise ValueError(f"replicas name expert {e} of layer {layer}, outside 0..{experts.shape[1] - 1}")
+                if not rep.devices or rep.devices[0] != experts[layer, e]:
+                    raise ValueError(f"replica list of layer {layer} expert {e} must start with its primary device")
+                if len(set(rep.devices)) != len(rep.devices) or not all(0 <= d < self.num_devices for d in rep.devices):
+                    raise ValueError(f"replica devices of layer {layer} expert {e} must be distinct valid devices")
+                if len(rep.route) != self.num_devices or not set(rep.route) <= set(rep.devices):
+                    raise ValueError(f"route of layer {layer} expert {e} must give one of its copies for each of {self.num_devices} devices")
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.experts.shape[0])
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.experts.shape[1])
+
+    @property
+    def topology(self) -> Topology:
+        return Topology(self.num_devices, self.num_nodes)
+
+    def route_table(self) -> np.ndarray:
+        """[L, E, G]: device whose copy of expert e at layer l serves a token coming from device g."""
+        table = np.repeat(np.asarray(self.experts, dtype=np.int64)[:, :, None], self.num_devices, axis=2)
+        for layer, reps in self.replicas.items():
+            for e, rep in reps.items():
+                table[layer, e] = rep.route
+        return table
+
+    def slots_used(self) -> np.ndarray:
+        """[L, G] experts (primaries + replicas) held by each device."""
+        used = np.stack([np.bincount(row, minlength=self.num_devices) for row in np.asarray(self.experts)])
+        for layer, reps in self.replicas.items():
+            for rep in reps.values():
+                for d in rep.devices[1:]:
+                    used[layer, d] += 1
+        return used
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "num_devices": int(self.num_devices),
+            "num_nodes": int(self.num_nodes),
+            "moe_layers": [int(x) for x in (self.moe_layers or range(self.num_layers))],
+            "experts": np.asarray(self.experts).astype(int).tolist(),
+            "replicas": {
+                str(layer): {
+                    str(e): {"devices": [int(d) for d in rep.devices], "route": [int(d) for d in rep.route]}
+                    for e, rep in sorted(reps.items())
+                }
+                for layer, reps in sorted(self.replicas.items())
+                if reps
+            },
+            "objective": self.objective,
+            "trace": self.trace,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> PlacementPlan:
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            got = data.get("format") if isinstance(data, dict) else type(data).__name__
+            raise ValueError(f"not a {FORMAT} plan (format field is {got!r})")
+        try:
+            experts = np.asarray(data["experts"], dtype=np.int64)
+            replicas = {
+                int(layer): {
+                    int(e): Replica(tuple(int(d) for d in rep["devices"]), tuple(int(d) for d in rep["route"]))
+                    for e, rep in reps.items()
+                }
+                for layer, reps in (data.get("replicas") or {}).items()
+            }
+            return cls(
+                experts=experts,
+                num_devices=int(data["num_devices"]),
+                num_nodes=int(data.get("num_nodes", 1)),
+                moe_layers=tuple(int(x) for x in data.get("moe_layers", range(experts.shape[0]))),
+                replicas=replicas,
+                objective=dict(data.get("objective") or {}),
+                trace=data.get("trace") or {},
+            )
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"malformed {FORMAT} plan: {exc!r}") from None
+
+
+def save_plan(plan: PlacementPlan, path: str | os.PathLike) -> None:
+    """Write the plan as JSON atomically."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(plan.to_json(), indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def load_plan(path: str | os.PathLike) -> PlacementPlan:
+    """Read a ``moe-placement/1`` file; ValueError naming the problem for a bad one."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"plan file {path} does not exist; make one with `moe-engine plan`")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not a JSON {FORMAT} plan ({exc})") from None
+    try:
+        return PlacementPlan.from_json(data)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+
+
+@dataclass(frozen=True)
+class PlanMetrics:
+    cross_device_share: float
+    cross_node_share: float
+    cost_per_pair: float  # mean transition cost (Topology costs) per consecutive-layer slot pair
+    max_load_ratio: float  # max over layers of (max device load / mean device load)
+    mean_load_ratio: float  # mean over layers of the same ratio
+    load_ratio_per_layer: tuple[float, ...]
+    num_tokens: int
+    num_pairs: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
+
+
+def token_devices(plan: PlacementPlan, expert_ids: np.ndarray) -> np.ndarray:
+    """[T, L, K]: device of the copy each token's expert is served from (routes applied layer by layer)."""
+    validate_expert_ids(expert_ids, plan.num_experts)
+    num_tokens, num_layers, _ = expert_ids.shape
+    if num_layers != plan.num_layers:
+        raise ValueError(f"trace has {num_layers} MoE layers but the plan has {plan.num_layers}")
+    ids = expert_ids.astype(np.int64)
+    if not plan.replicas:
+        return np.asarray(plan.experts)[np.arange(num_layers)[None, :, None], ids]
+    table = plan.route_table()  # [L, E, G]
+    out = np.empty(ids.shape, dtype=np.int64)
+    source = np.arange(num_tokens) % plan.num_devices  # home device before the first MoE layer
+    for layer in range(num_layers):
+        out[:, layer] = table[layer, ids[:, layer], source[:, None]]
+        source = out[:, layer, 0]  # slot 0: the highest-weight expert
+    return out
+
+
+def evaluate_plan(plan: PlacementPlan, expert_ids: np.ndarray, topology: Topology | None = None) -> PlanMetrics:
+    """Cross-device / cross-node shares and load balance of ``plan`` on ``expert_ids [T, L, K]``."""
+    topology = topology or plan.topology
+    dev = token_devices(plan, expert_ids)
+    num_tokens, num_layers, top_k = dev.shape
+    node = topology.node_of(dev)
+    cost = topology.cost_matrix()
+    cross_dev = cross_node = total_cost = 0.0
+    for layer in range(num_layers - 1):
+        a, b = dev[:, layer, :, None], dev[:, layer + 1, None, :]
+        cross_dev += float((a != b).sum())
+        cross_node += float((node[:, layer, :, None] != node[:, layer + 1, None, :]).sum())
+        total_cost += float(cost[a, b].sum())
+    num_pairs = num_tokens * max(num_layers - 1, 0) * top_k * top_k
+    ratios = []
+    for layer in range(num_layers):
+        per_device = np.bincount(dev[:, layer].ravel(), minlength=plan.num_devices)
+        mean = per_device.mean()
+        ratios.append(float(per_device.max() / mean) if mean > 0 else 1.0)
+    denom = max(num_pairs, 1)
+    return PlanMetrics(
+        cross_device_share=cross_dev / denom,
+        cross_node_share=cross_node / denom,
+        cost_per_pair=total_cost / denom,
+        max_load_ratio=max(ratios) if ratios else 1.0,
+        mean_load_ratio=float(np.mean(ratios)) if ratios else 1.0,
+        load_ratio_per_layer=tuple(ratios),
+        num_tokens=int(num_tokens),
+        num_pairs=int(num_pairs),
+    )
+
+
+def round_robin_plan(num_layers: int, num_experts: int, num_devices: int, num_nodes: int = 1) -> PlacementPlan:
+    """The baseline: expert e on device e % G at every layer."""
+    experts = np.tile(np.arange(num_experts) % num_devices, (num_layers, 1))
+    return PlacementPlan(experts=experts, num_devices=num_devices, num_nodes=num_nodes, objective={"method": "round-robin"})

@@ -1,0 +1,336 @@
+"""The placement planner: affinity -> start -> local search -> ILP (exact or windows) -> replicas -> plan.
+
+One public entry, ``plan_placement``, over trace arrays. Steps:
+    1. Affinity from the trace (pair counts, loads); the fitted weights are ``pairs ** affinity_power``
+       (0.5 by default: compressing the heaviest pairs makes a plan generalise better to routing it has
+       not seen, e.g. another domain; 1.0 fits the training trace exactly).
+    2. Starts: each layer chained to its neighbour by an exact capacitated assignment, from random first
+       layers, alternately forwards and backwards.
+    3. Local search: exact whole-layer block moves (or load-feasible swaps with balance on) until none
+       improves, then iterated perturbation of random layer windows, within the time limit.
+    4. ILP: small instances are solved exactly (warm-started, so never worse); large ones get windows
+       of consecutive layers re-solved exactly with the rest fixed. A lower bound (the solver's, or the
+       LP relaxation's per layer pair) gives the optimality gap.
+    5. Replicas of hot experts in spare slots, with per-source-device routes.
+
+Example::
+
+    result = plan_placement(expert_ids, num_devices=8, time_limit=30)
+    save_plan(result.plan, "plan.json")
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from placement.affinity import Affinity, compute_affinity, validate_expert_ids
+from placement.ilp import available_solver, solve_ilp
+from placement.plan import PlacementPlan
+from placement.replication import add_replicas
+from placement.search import chain_start, descend, placement_cost
+from placement.topology import Topology
+
+# Full-instance ILP only while it stays small (binary variables, co-location pairs).
+EXACT_MAX_BINARIES = 1200
+EXACT_MAX_PAIRS = 6000
+
+
+@dataclass(frozen=True)
+class PlannerConfig:
+    num_devices: int
+    num_nodes: int = 1
+    replicas: int = 0  # redundant expert copies per layer (EPLB's num_redundant_experts)
+    balance: float | None = None  # eps: max device load <= (1 + eps) x mean; None: no balance constraint
+    time_limit: float = 60.0
+    solver: str = "auto"  # "auto" | "highs" | "cbc"
+    ilp: str = "auto"  # "auto" | "exact" | "windows" | "off"
+    affinity_power: float = 0.5
+    weighted: bool = False  # weight pairs by router weights instead of counting them
+    intra_node_cost: float = 1.0
+    inter_node_cost: float = 2.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        Topology(self.num_devices, self.num_nodes, self.intra_node_cost, self.inter_node_cost)
+        if self.replicas < 0:
+            raise ValueError(f"replicas must be >= 0, got {self.replicas}")
+        if self.balance is not None and self.balance < 0:
+            raise ValueError(f"balance eps must be >= 0, got {self.balance}")
+        if self.time_limit <= 0:
+            raise ValueError(f"time_limit must be positive, got {self.time_limit}")
+        if self.ilp not in ("auto", "exact", "windows", "off"):
+            raise ValueError(f"ilp must be auto, exact, windows or off, got {self.ilp!r}")
+        if not 0 < self.affinity_power <= 1:
+            raise ValueError(f"affinity_power must be in (0, 1], got {self.affinity_power}")
+        available_solver(self.solver)
+
+    @property
+    def topology(self) -> Topology:
+        return Topology(self.num_devices, self.num_nodes, self.intra_node_cost, self.inter_node_cost)
+
+
+@dataclass
+class PlanResult:
+    plan: PlacementPlan
+    objective: float  # fitted objective (transition cost under the fitted weights) of the primaries
+    bound: float  # lower bound on that objective (-inf if none)
+    gap: float  # (objective - bound) / objective
+    train_share: float  # cross-device share on the training affinity (counts), primaries only
+    round_robin_share: float
+    seconds: float
+    log: list[str] = field(default_factory=list)
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def capacity_for(num_experts: int, num_layers: int, num_devices: int, replicas: int) -> np.ndarray:
+    """[L, G] slots per device per layer: (E + R) / G each; ValueError when G does not divide E + R."""
+    slots = num_experts + replicas
+    if slots % num_devices:
+        if replicas == 0:
+            raise ValueError(
+                f"{num_devices} devices do not divide {num_experts} experts; use a device count that divides it, "
+                f"or add replicas so that devices divide experts + replicas (e.g. --replicas {-num_experts % num_devices})"
+            )
+        raise ValueError(f"{num_devices} devices do not divide experts + replicas = {num_experts} + {replicas} = {slots}")
+    if replicas > num_experts * (num_devices - 1):
+        raise ValueError(f"{replicas} replicas exceed what {num_devices} devices can hold")
+    return np.full((num_layers, num_devices), slots // num_devices, dtype=np.int64)
+
+
+def plan_placement(
+    expert_ids: np.ndarray,
+    config: PlannerConfig,
+    weights: np.ndarray | None = None,
+    num_experts: int | None = None,
+    moe_layers: list[int] | None = None,
+    trace_info: dict[str, Any] | None = None,
+    affinity: Affinity | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> PlanResult:
+    """Plan expert placement from a trace ``expert_ids [T, L, K]`` (optionally ``weights [T, L, K]``).
+
+    ``affinity`` may be given instead of computing it from ``expert_ids`` (e.g. summed over traces).
+    """
+    t0 = time.monotonic()
+    deadline = t0 + config.time_limit
+    log: list[str] = []
+
+    def say(msg: str) -> None:
+        log.append(f"[{time.monotonic() - t0:6.1f}s] {msg}")
+        if progress:
+            progress(log[-1])
+
+    if affinity is None:
+        num_experts = validate_expert_ids(expert_ids, num_experts)
+        if config.weighted and weights is None:
+            raise ValueError("weighted affinity needs router weights")
+        affinity = compute_affinity(expert_ids, num_experts, weights=weights if config.weighted else None)
+    counts = affinity
+    num_layers, num_experts = counts.num_layers, counts.num_experts
+    topo = config.topology
+    cost = topo.cost_matrix()
+    capacity = capacity_for(num_experts, num_layers, config.num_devices, config.replicas)
+    fit = counts.pairs ** config.affinity_power
+    load = counts.load
+    load_limit = None
+    if config.balance is not None and config.replicas == 0:
+        load_limit = (1.0 + config.balance) * load.sum(axis=1) / config.num_devices
+    say(f"affinity: {num_layers} layers x {num_experts} experts, {counts.total_pairs:.0f} pairs; "
+        f"{config.num_devices} devices in {config.num_nodes} node(s), {int(capacity[0, 0])} slots each")
+    rng = np.random.default_rng(config.seed)
+
+    # Steps 2 and 3: starts and local search, most of the time budget.
+    n_bin = num_layers * num_experts * config.num_devices
+    n_pairs = int((counts.pairs > 0).sum())
+    exact = config.ilp == "exact" or (config.ilp == "auto" and n_bin <= EXACT_MAX_BINARIES and n_pairs <= EXACT_MAX_PAIRS)
+    windows = config.ilp == "windows" or (config.ilp == "auto" and not exact and num_experts <= 64)
+    search_share = 0.5 if exact else (0.8 if windows else 1.0)
+    search_deadline = t0 + config.time_limit * search_share
+    best, best_cost, starts, perturbs = _search(fit, cost, capacity, load, load_limit, rng, search_deadline, say)
+    say(f"local search: cost {best_cost:.4g} after {starts} starts and {perturbs} perturbations")
+
+    # Step 4: ILP.
+    bound = -np.inf
+    ilp_stats: dict[str, Any] = {"mode": "off"}
+    remaining = deadline - time.monotonic()
+    if exact and remaining > 1:
+        res = solve_ilp(fit, topo, capacity, load, load_limit, time_limit=remaining * 0.95, solver=config.solver, start=best)
+        ilp_stats = {"mode": "exact", "status": res.status, "solver": res.solver, "seconds": round(res.seconds, 2),
+                     "variables": res.num_variables, "constraints": res.num_constraints}
+        if res.objective < best_cost - 1e-9:
+            best, best_cost = res.assign, res.objective
+        bound = res.bound
+        say(f"exact ILP ({res.solver}): {res.status}, cost {res.objective:.4g}, bound {res.bound:.4g}")
+    elif windows and remaining > 2:
+        best, best_cost, ilp_stats = _refine_windows(fit, topo, capacity, load, load_limit, best, best_cost, rng, deadline, config.solver)
+        say(f"ILP windows: {ilp_stats['improved']} of {ilp_stats['windows']} improved, cost {best_cost:.4g}")
+    lp = relaxation_bound(fit, topo, capacity)
+    bound = max(bound, lp)
+    gap = 0.0 if best_cost <= 0 else max(0.0, (best_cost - max(bound, 0.0)) / best_cost)
+    say(f"bound {bound:.4g} (LP relaxation {lp:.4g}), gap {100 * gap:.1f}%")
+
+    # Step 5: replicas.
+    replicas: dict = {}
+    if config.replicas:
+        replicas = add_replicas(best, counts.pairs, counts.load, capacity, topo, balance=config.balance)
+        say(f"replicas: {sum(len(r) for r in replicas.values())} copies placed")
+
+    flat = Topology(config.num_devices)
+    total = max(counts.total_pairs, 1e-12)
+    train_share = placement_cost(counts.pairs, best, flat.cost_matrix()) / total
+    rr = np.tile(np.arange(num_experts) % config.num_devices, (num_layers, 1))
+    rr_share = placement_cost(counts.pairs, rr, flat.cost_matrix()) / total
+    seconds = time.monotonic() - t0
+    objective = {
+        "method": "chain starts + block-coordinate local search + ILP" + (" (exact)" if exact else " windows" if windows else ""),
+        "fitted_cost": best_cost,
+        "bound": bound if np.isfinite(bound) else None,
+        "gap": gap,
+        "train_cross_device_share": train_share,
+        "round_robin_train_share": rr_share,
+        "affinity_power": config.affinity_power,
+        "balance": config.balance,
+        "replicas": config.replicas,
+        "intra_node_cost": config.intra_node_cost,
+        "inter_node_cost": config.inter_node_cost,
+        "seconds": round(seconds, 2),
+    }
+    plan = PlacementPlan(
+        experts=best.astype(np.int64),
+        num_devices=config.num_devices,
+        num_nodes=config.num_nodes,
+        moe_layers=tuple(moe_layers) if moe_layers else tuple(range(num_layers)),
+        replicas=replicas,
+        objective=objective,
+        trace=dict(trace_info or {}),
+    )
+    say(f"done: train cross-device share {train_share:.4f} (round-robin {rr_share:.4f})")
+    return PlanResult(
+        plan=plan, objective=best_cost, bound=bound, gap=gap, train_share=train_share, round_robin_share=rr_share,
+        seconds=seconds, log=log,
+        stats={"starts": starts, "perturbations": perturbs, "ilp": ilp_stats, "lp_bound": lp},
+    )
+
+
+def _search(fit, cost, capacity, load, load_limit, rng, deadline, say):
+    """Multi-start chained starts + descent, then iterated window perturbation of the best."""
+    num_layers = capacity.shape[0]
+    best, best_cost = None, np.inf
+    starts = perturbs = 0
+    min_starts = 4
+    while starts < min_starts and (starts == 0 or time.monotonic() < deadline):
+        assign = chain_start(fit, capacity, cost, rng, reverse=bool(starts % 2))
+        assign, c, _ = descend(fit, assign, cost, capacity, load, load_limit, deadline=deadline)
+        starts += 1
+        if c < best_cost - 1e-12:
+            best, best_cost = assign, c
+    say(f"{starts} chained starts, best cost {best_cost:.4g}")
+    while time.monotonic() < deadline and num_layers > 1:
+        width = int(rng.integers(1, min(8, num_layers) + 1))
+        first = int(rng.integers(0, num_layers - width + 1))
+        cand = best.copy()
+        for layer in range(first, first + width):
+            cand[layer] = rng.permutation(cand[layer])
+        cand, c, _ = descend(fit, cand, cost, capacity, load, load_limit, deadline=deadline)
+        perturbs += 1
+        if c < best_cost - 1e-9 * max(1.0, best_cost) and _within(cand, capacity, load, load_limit):
+            best, best_cost = cand, c
+    return best, best_cost, starts, perturbs
+
+
+def _within(assign, capacity, load, load_limit) -> bool:
+    if load_limit is None:
+        return True
+    num_devices = capacity.shape[1]
+    return all(
+        np.bincount(assign[layer], weights=load[layer], minlength=num_devices).max() <= load_limit[layer] + 1e-6
+        for layer in range(assign.shape[0])
+    )
+
+
+def _refine_windows(fit, topo, capacity, load, load_limit, best, best_cost, rng, deadline, solver):
+    """Re-solve windows of two consecutive layers exactly (the rest fixed), best first by cost share."""
+    num_layers = capacity.shape[0]
+    cost = topo.cost_matrix()
+    stats = {"mode": "windows", "windows": 0, "improved": 0}
+    while time.monotonic() < deadline - 1 and num_layers > 1:
+        first = int(rng.integers(0, num_layers - 1))
+        free = [first, first + 1]
+        remaining = deadline - time.monotonic()
+        res = solve_ilp(fit, topo, capacity, load, load_limit, time_limit=min(10.0, remaining - 0.5), solver=solver,
+                        start=best, free_layers=free)
+        stats["windows"] += 1
+        if res.objective < best_cost - 1e-9 * max(1.0, best_cost):
+            cand, c, _ = descend(fit, res.assign, cost, capacity, load, load_limit, deadline=deadline)
+            best, best_cost = cand, c
+            stats["improved"] += 1
+    return best, best_cost, stats
+
+
+def relaxation_bound(fit: np.ndarray, topology: Topology, capacity: np.ndarray) -> float:
+    """Lower bound on the placement cost: the ILP's LP relaxation, layer pair by layer pair.
+
+    With fractional x the co-location variables are limited only by the partner cuts, so each layer pair
+    contributes ``W - B`` where B is a maximum-weight b-matching (each expert co-located with at most a
+    device's capacity of partners). Solved exactly with HiGHS when available; otherwise each expert's top
+    partners bound B (weaker, still valid); so do they above 128 experts per layer.
+    """
+    total = 0.0
+    exact = fit.shape[1] <= 128  # larger: the LPs take minutes on this machine; the greedy bound is instant
+    dpn = topology.devices_per_node
+    hier = topology.hierarchical
+    c_dev = topology.intra_node_cost if hier else topology.device_cost
+    c_node = topology.inter_node_cost - topology.intra_node_cost
+    for layer in range(fit.shape[0]):
+        w = fit[layer]
+        W = float(w.sum())
+        cap_r, cap_c = int(capacity[layer + 1].max()), int(capacity[layer].max())
+        b_dev = _b_matching(w, cap_r, cap_c, exact)
+        total += c_dev * (W - b_dev)
+        if hier:
+            node_r = int(capacity[layer + 1].reshape(-1, dpn).sum(1).max())
+            node_c = int(capacity[layer].reshape(-1, dpn).sum(1).max())
+            total += c_node * (W - _b_matching(w, node_r, node_c, exact))
+    return total
+
+
+def _b_matching(w: np.ndarray, row_cap: int, col_cap: int, exact: bool = True) -> float:
+    """Max sum of w over a 0/1 selection with at most row_cap per row and col_cap per column (LP value)."""
+    top_rows = float(-np.sort(-w, axis=1)[:, :row_cap].sum())
+    top_cols = float(-np.sort(-w, axis=0)[:col_cap].sum())
+    greedy_bound = min(top_rows, top_cols)
+    if not exact:
+        return greedy_bound
+    try:
+        import highspy
+    except ImportError:
+        return greedy_bound
+    rows, cols = np.nonzero(w)
+    n = len(rows)
+    if n == 0:
+        return 0.0
+    num_r, num_c = w.shape
+    h = highspy.Highs()
+    h.setOptionValue("output_flag", False)
+    h.setOptionValue("time_limit", 30.0)
+    h.addVars(n, np.zeros(n), np.ones(n))
+    h.changeColsCost(n, np.arange(n, dtype=np.int32), -w[rows, cols].astype(np.float64))
+    # constraint matrix: one row per expert of layer l (its partners) and per expert of layer l + 1
+    index = np.concatenate([rows, num_r + cols]).astype(np.int32)
+    var = np.concatenate([np.arange(n), np.arange(n)])
+    order = np.argsort(index, kind="stable")
+    index, var = index[order], var[order]
+    m = num_r + num_c
+    starts = np.searchsorted(index, np.arange(m)).astype(np.int32)
+    upper = np.concatenate([np.full(num_r, row_cap), np.full(num_c, col_cap)]).astype(np.float64)
+    h.addRows(m, np.full(m, -highspy.kHighsInf), upper, len(var), starts, var.astype(np.int32), np.ones(len(var)))
+    h.run()
+    if h.getModelStatus() != highspy.HighsModelStatus.kOptimal:
+        return greedy_bound
+    # the dual bound of an optimal LP equals its value; keep the valid greedy bound if it is tighter
+    return min(greedy_bound, -float(h.getInfo().objective_function_value))

@@ -1,0 +1,99 @@
+"""Replicas of hot experts in spare slots, chosen for affinity and load, with per-source routes.
+
+With E + R slots per layer on G devices, R slots are left after the primaries. Each spare slot on device
+g takes the copy that helps most: tokens arriving at expert e from device g (previous layer's affinity
+mass) would stay on g, and an overloaded expert's tokens are spread. A token then uses the copy on its
+source device, else the nearest copy (same node first), else the least-loaded one.
+
+Example::
+
+    replicas = add_replicas(assign, aff.pairs, aff.load, capacity, Topology(8))
+    replicas[3][17].route[5]   # device whose copy of expert 17 (layer 3) serves tokens from device 5
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from placement.plan import Replica
+from placement.search import group_rows
+from placement.topology import Topology
+
+
+def add_replicas(
+    assign: np.ndarray,
+    pairs: np.ndarray,
+    load: np.ndarray,
+    capacity: np.ndarray,
+    topology: Topology,
+    balance: float | None = None,
+) -> dict[int, dict[int, Replica]]:
+    """Fill spare slots with replicas. assign: [L, E]; pairs: [L-1, E, E]; load: [L, E]; capacity: [L, G]."""
+    num_layers, num_experts = assign.shape
+    num_devices = topology.num_devices
+    cost = topology.cost_matrix()
+    out: dict[int, dict[int, Replica]] = {}
+    for layer in range(num_layers):
+        spare = capacity[layer] - np.bincount(assign[layer], minlength=num_devices)
+        if spare.sum() <= 0:
+            continue
+        # tokens of expert e arriving from device g: previous layer's affinity mass, scaled to tokens
+        if layer > 0:
+            inflow = group_rows(pairs[layer - 1], assign[layer - 1], num_devices).T  # [E, G]
+        else:
+            inflow = np.repeat(load[layer][:, None] / num_devices, num_devices, axis=1)
+        row = inflow.sum(axis=1, keepdims=True)
+        from_share = np.divide(inflow, row, out=np.full_like(inflow, 1.0 / num_devices), where=row > 0)
+        tokens_from = from_share * load[layer][:, None]  # [E, G]
+        copies = {e: [int(assign[layer, e])] for e in range(num_experts)}
+        served = tokens_from.copy()  # tokens of e served per source device: routed below
+        dev_load = np.bincount(assign[layer], weights=load[layer], minlength=num_devices)
+        mean_load = dev_load.mean()
+        while spare.sum() > 0:
+            # affinity gain: tokens from g that currently leave g to reach e
+            has_copy = np.zeros((num_experts, num_devices), dtype=bool)
+            for e, devs in copies.items():
+                has_copy[e, devs] = True
+            gain = np.where(has_copy, -np.inf, tokens_from)
+            gain[:, spare <= 0] = -np.inf
+            if balance is not None or not np.isfinite(gain).any() or gain.max() <= 0:
+                # load term: relieve the busiest serving device of expert e
+                overload = np.array([max(dev_load[devs].max() - mean_load, 0.0) for devs in (copies[e] for e in range(num_experts))])
+                gain = np.where(np.isfinite(gain), gain + np.minimum(load[layer] / 2, overload)[:, None], gain)
+            if not np.isfinite(gain).any():
+                break
+            e, g = np.unravel_index(int(np.argmax(gain)), gain.shape)
+            copies[int(e)].append(int(g))
+            spare[g] -= 1
+            dev_load = _serve(copies, served, load[layer], assign[layer], cost, num_devices)[1]
+        reps = {}
+        for e, devs in copies.items():
+            if len(devs) > 1:
+                route = _routes(devs, cost, dev_load)
+                reps[e] = Replica(tuple(devs), tuple(route))
+        if reps:
+            out[layer] = reps
+    return out
+
+
+def _routes(devs: list[int], cost: np.ndarray, dev_load: np.ndarray) -> list[int]:
+    """Copy used by tokens from each device: local, else cheapest transition, else least-loaded device."""
+    devs_arr = np.asarray(devs)
+    route = []
+    for g in range(cost.shape[0]):
+        c = cost[g, devs_arr]
+        cands = devs_arr[c == c.min()]
+        route.append(int(cands[np.argmin(dev_load[cands])]))
+    return route
+
+
+def _serve(copies, tokens_from, load, primary, cost, num_devices):
+    """Device loads when each expert's tokens follow the routes of its copies."""
+    dev_load = np.bincount(primary, weights=load, minlength=num_devices).astype(np.float64)
+    for e, devs in copies.items():
+        if len(devs) == 1:
+            continue
+        dev_load[devs[0]] -= load[e]
+        route = _routes(devs, cost, dev_load)
+        np.add.at(dev_load, route, tokens_from[e])
+    return copies, dev_load
