@@ -112,20 +112,26 @@ class ExpertCache:
         self.key_of[slot] = None
         self.free.append(slot)
 
-    def _claim(self, protected: set[ExpertKey]) -> int | None:
-        """A free slot, evicting the policy's victim if needed; None if every slot is busy or protected."""
+    def _candidates(self, protected: set[ExpertKey], layer: int | None) -> list[ExpertKey]:
+        return [
+            k
+            for k, s in self.slot_of.items()
+            if self.pins[s] == 0 and k not in protected and s not in self.tickets and (layer is None or k[0] == layer)
+        ]
+
+    def _claim(self, protected: set[ExpertKey], layer: int | None = None) -> int | None:
+        """A free slot, evicting the policy's victim if needed; None if every slot is busy or protected.
+
+        ``layer`` restricts victims to that MoE layer's experts (prefetch: swap within the target layer).
+        """
         if self.free:
             return self.free.pop()
-        candidates = [
-            k for k, s in self.slot_of.items() if self.pins[s] == 0 and k not in protected and s not in self.tickets
-        ]
+        candidates = self._candidates(protected, layer)
         if not candidates:
             # Loads that finished still hold tickets until polled: poll and retry once.
             for s in list(self.tickets):
                 self._is_ready(s)
-            candidates = [
-                k for k, s in self.slot_of.items() if self.pins[s] == 0 and k not in protected and s not in self.tickets
-            ]
+            candidates = self._candidates(protected, layer)
             if not candidates:
                 return None
         victim = self.policy.victim(candidates)
@@ -136,7 +142,7 @@ class ExpertCache:
     def _load(self, key: ExpertKey, slot: int, prefetch: bool) -> None:
         self.key_of[slot] = key
         self.slot_of[key] = slot
-        self.tickets[slot] = self.mover.submit(self.locate(key), self.slots[slot], slot, key)
+        self.tickets[slot] = self.mover.submit(self.locate(key), self.slots[slot], slot, key, prefetch=prefetch)
         nbytes = self.expert_bytes
         self.stats.bytes_moved += nbytes
         self._layer(key).bytes_moved += nbytes
@@ -227,7 +233,10 @@ class ExpertCache:
         """Start loading the best-ranked experts that fit; returns how many were started.
 
         Never evicts a pinned, loading, protected (current layer) or ranked expert, and keeps at most
-        ``max_prefetch_inflight`` prefetches in flight.
+        ``max_prefetch_inflight`` prefetches in flight. When no slot is free, a prefetch for layer t only
+        replaces another expert of layer t: in decode, layers run in a cycle, so an unpredicted expert of
+        layer t is the resident one needed latest, while evicting the policy's global victim would throw
+        out an expert that layers t+1, t+2, ... are about to use.
         """
         if not self.keep_resident or self.max_prefetch_inflight == 0:
             return 0
@@ -239,9 +248,9 @@ class ExpertCache:
                 break
             if k in self.slot_of:
                 continue
-            slot = self._claim(keep)
+            slot = self._claim(keep, layer=k[0])
             if slot is None:
-                break
+                continue
             self._load(k, slot, prefetch=True)
             self.prefetched.add(k)
             self._unjudged.add(k)

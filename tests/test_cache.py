@@ -86,9 +86,13 @@ def test_prefetch_never_evicts_current_layer_experts(tiny_checkpoint):
     for _ in gen:
         pass
     assert cache.resident((0, 3)) and cache.resident((0, 4))
+    # A full cache: a prefetch for layer 1 only replaces a layer-1 expert, and there is none yet.
+    assert cache.prefetch([(1, 0)], protected=set()) == 0
+    for _ in cache.iter_experts(1, [5]):  # demand load evicts the LRU layer-0 expert (3)
+        pass
     assert cache.prefetch([(1, 0)], protected=set()) == 1
     cache.wait_all()
-    assert cache.resident((1, 0))
+    assert cache.resident((1, 0)) and cache.resident((0, 4)) and not cache.resident((1, 5))
     # The prefetched expert is a prefetch hit when its layer runs.
     for _ in cache.iter_experts(1, [0]):
         pass
