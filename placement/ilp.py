@@ -180,6 +180,8 @@ def solve_ilp(
         elif equal_caps:
             x[first, 0, 0].lowBound = 1
     if start is not None:
+        if len(free) == num_layers:
+            start = canonical_labels(start, topology, free[0])
         for (layer, e, g), var in x.items():
             var.setInitialValue(1 if start[layer, e] == g else 0)
     num_vars = len(prob.variables())
@@ -226,6 +228,34 @@ def solve_ilp(
         num_variables=num_vars,
         num_constraints=num_cons,
     )
+
+
+def canonical_labels(assign: np.ndarray, topology: Topology, layer: int = 0) -> np.ndarray:
+    """The same placement with device labels permuted to satisfy the ILP's symmetry breaking.
+
+    Flat: devices numbered by first appearance among the experts of ``layer``. With nodes: the node and
+    the device of expert 0 swapped with node 0 and its first device (a label change that keeps costs).
+    """
+    num_devices = topology.num_devices
+    if not topology.hierarchical:
+        order = list(dict.fromkeys(int(d) for d in assign[layer]))
+        order += [g for g in range(num_devices) if g not in order]
+        perm = np.empty(num_devices, dtype=np.int64)
+        perm[order] = np.arange(num_devices)
+        return perm[assign]
+    dpn = topology.devices_per_node
+    dev0 = int(assign[layer, 0])
+    node0, slot0 = divmod(dev0, dpn)
+    perm = np.arange(num_devices)
+    nodes = np.arange(topology.num_nodes)
+    nodes[[0, node0]] = nodes[[node0, 0]]
+    slots = np.arange(dpn)
+    slots[[0, slot0]] = slots[[slot0, 0]]
+    # device (n, s) -> (nodes[n], slots[s]) when n is node0's block; node swap keeps slot order otherwise
+    for g in range(num_devices):
+        n, s = divmod(g, dpn)
+        perm[g] = nodes[n] * dpn + (slots[s] if n == node0 else s)
+    return perm[assign]
 
 
 def _partner_cuts(prob, variables: dict, tag: str, row_cap: int, col_cap: int) -> None:
