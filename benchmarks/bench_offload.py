@@ -6,11 +6,24 @@ Systems (each run in its own subprocess, on the same prompt, page cache dropped 
 * ``prefetch``   the same with ``predictor="cross_layer_gate"`` (asynchronous prefetch of the next layer)
 * ``ondemand``   ``policy="none"``: every expert is read from disk when needed, nothing is kept
 * ``accelerate`` ``AutoModelForCausalLM.from_pretrained(path, device_map="auto",
-  max_memory={"cpu": cap}, offload_folder=...)`` with ``cap = non-expert bytes + f * expert bytes``.
+  max_memory={"cpu": M}, offload_folder=...)`` with ``M = non-expert bytes + f * expert bytes``.
   Its offloaded weights are read through the OS page cache, which keeps them between forward passes
-  when RAM is free: the cap bounds its RSS, not the memory it really uses.
-* ``accelerate_cold`` the same, with the page cache of the model's and offload folder's files dropped
-  before every forward pass: accelerate on a machine whose RAM really is the cap.
+  when RAM is free: ``max_memory`` bounds its RSS, not the memory it really uses. Under the memory cap
+  (below) the page cache is charged too, so this is accelerate held to the engine's memory.
+* ``accelerate_plain`` the same, never under the memory cap (only ``max_memory``): what accelerate
+  does on a machine with free RAM; a reference, its page cache is not bounded.
+* ``accelerate_cold`` the same as ``accelerate``, with the page cache of the model's and offload
+  folder's files dropped before every forward pass: accelerate on a machine whose RAM really is ``M``.
+
+Memory cap (``BenchSettings.memory_cap``): with ``"cgroup"`` every run but ``accelerate_plain`` runs in a
+fresh memory cgroup (``benchmarks/memory_cap.py``) whose limit is the same for every system at a
+budget ``f``: ``non-expert bytes + f * expert bytes + runtime allowance``. The kernel charges a cgroup
+with its anonymous memory *and* the page cache it touches, reclaims page cache at the limit and
+OOM-kills past it, so the cap holds for every system alike. The runtime allowance is measured once per
+benchmark: the peak memory of a child that imports torch, transformers, accelerate and moe_engine and
+runs a tiny model's forward pass (peak RSS, or the cgroup's peak charge if larger).
+``accelerate_plain`` runs in a cgroup without a limit, for accounting. A run the kernel kills at the
+cap is reported with status ``oom_killed``. With ``"none"`` no cgroup is used.
 
 Figures per run: prefill tok/s (prompt tokens / time to the first new token), decode tok/s (new
 tokens after the first / their time), peak RSS (``VmHWM`` of the child for the whole run, and for the
@@ -50,8 +63,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-SYSTEMS = ("lru", "prefetch", "ondemand", "accelerate", "accelerate_cold")
-BASELINES = ("accelerate", "accelerate_cold")
+from benchmarks.make_checkpoint import CheckpointSpec, ensure_checkpoint
+from benchmarks.memory_cap import CgroupBackend, detect_backend
+
+SYSTEMS = ("lru", "prefetch", "ondemand", "accelerate", "accelerate_plain", "accelerate_cold")
+BASELINES = ("accelerate", "accelerate_plain", "accelerate_cold")
+UNCAPPED = ("accelerate_plain",)  # never under the memory cap (a reference)
+MEMORY_CAPS = ("none", "cgroup")
 DEFAULT_BUDGETS = (0.125, 0.25, 0.5, 1.0)
 DEFAULT_REF_BUDGET = 0.25
 # Acceptance bars (issue 2: engine vs accelerate at 25 %; issue 4: prefetch vs LRU on demand).
@@ -111,7 +129,7 @@ class BenchSettings:
     model_path: str
     model_name: str = "model"
     systems: tuple[str, ...] = ("lru@0.125", "lru@0.25", "lru@0.5", "lru@1", "prefetch@0.25",
-                                "ondemand@0.25", "accelerate@0.25", "accelerate_cold@0.25")
+                                "ondemand@0.25", "accelerate@0.25", "accelerate_plain@0.25", "accelerate_cold@0.25")
     ref_budget: float = DEFAULT_REF_BUDGET
     prompt_tokens: int = 64
     decode_tokens: int = 32
@@ -119,8 +137,12 @@ class BenchSettings:
     timeout_s: float = 900.0
     threads: int | None = None
     offload_root: str | None = None  # where accelerate's offload folders go (default: beside the model)
+    memory_cap: str = "none"  # "cgroup": every run but accelerate_plain in a memory cgroup (see module doc)
+    runtime_allowance_bytes: int | None = None  # added to each cgroup cap; None: measured once
 
     def __post_init__(self) -> None:
+        if self.memory_cap not in MEMORY_CAPS:
+            raise ValueError(f"memory_cap must be one of {', '.join(MEMORY_CAPS)}, got {self.memory_cap!r}")
         if self.prompt_tokens < 1 or self.decode_tokens < 1:
             raise ValueError("prompt and decode token counts must be at least 1")
         if self.timeout_s <= 0:
@@ -132,7 +154,8 @@ class BenchSettings:
 
 @dataclass
 class RunResult:
-    """Figures of one system run; ``status`` is ``ok``, ``timed_out`` or ``failed``."""
+    """Figures of one system run; ``status`` is ``ok``, ``timed_out``, ``oom_killed`` (by the memory cap)
+    or ``failed``."""
 
     label: str
     system: str
@@ -159,9 +182,21 @@ class RunResult:
     engine_bytes_moved: int | None = None
     peak_page_cache_bytes: int | None = None  # checkpoint + offload bytes in the page cache, sampled
     page_cache_after_bytes: int | None = None  # the same, after the run
-    memory_cap_bytes: int | None = None  # accelerate's max_memory["cpu"]
+    max_memory_bytes: int | None = None  # accelerate's max_memory["cpu"]
     device_map_summary: dict | None = None
+    # Kernel memory cap (cgroup): the limit, whether one was enforced, the cgroup's peak charge
+    # (anonymous memory + page cache + kernel memory) for the whole run and for the generation alone,
+    # OOM kills and how often the charge hit the limit (each hit reclaims page cache in the cgroup).
+    memory_cap_bytes: int | None = None
+    memory_cap_enforced: bool = False
+    cgroup_peak_bytes: int | None = None
+    cgroup_peak_generate_bytes: int | None = None
+    cgroup_oom_kills: int | None = None
+    cgroup_limit_hits: int | None = None
+    cgroup: dict | None = None
+    peak_memory_bytes: int | None = None  # the figure compared: cgroup peak when measured, else peak RSS
     engine_stats: dict | None = None
+    engine_decode_stats: dict | None = None  # engine counters over the decode steps alone (after token 1)
     tokens: list[int] = field(default_factory=list)
     token_times_s: list[float] = field(default_factory=list)  # since generate() was called
 
@@ -289,10 +324,10 @@ def _reset_peak_rss() -> bool:
 class _TokenClock:
     """A ``generate()`` streamer that timestamps each new token and reports it to the parent."""
 
-    def __init__(self, emit, start: float, total: int) -> None:
+    def __init__(self, emit, start: float, total: int, on_first=None) -> None:
         from tqdm.auto import tqdm
 
-        self.emit, self.start, self.prompt_seen = emit, start, False
+        self.emit, self.start, self.prompt_seen, self.on_first = emit, start, False, on_first
         self.times: list[float] = []
         self.tokens: list[int] = []
         self.bar = tqdm(total=total, desc="  decoding", unit="tok", leave=False)
@@ -306,6 +341,8 @@ class _TokenClock:
         self.times.append(t)
         self.tokens.append(tok)
         self.emit({"event": "token", "t": t, "token": tok})
+        if len(self.times) == 1 and self.on_first is not None:
+            self.on_first()
         self.bar.update(1)
 
     def end(self) -> None:
@@ -328,7 +365,7 @@ def _load(run: SystemRun, model_path: str, offload_dir: Path, emit) -> Any:
         placement: dict[str, int] = {}
         for device in model.hf_device_map.values():
             placement[str(device)] = placement.get(str(device), 0) + 1
-        emit({"event": "placement", "memory_cap_bytes": cap, "device_map_summary": placement})
+        emit({"event": "placement", "max_memory_bytes": cap, "device_map_summary": placement})
         if run.system == "accelerate_cold":
             cached = [Path(model_path), offload_dir]
             model.register_forward_pre_hook(lambda module, args: drop_page_cache(cached))
@@ -351,6 +388,61 @@ def _scalar_stats(stats) -> dict:
     out["hit_rate"] = stats.hit_rate
     out["prefetch_accuracy"] = stats.prefetch_accuracy
     return out
+
+
+_DECODE_COUNTERS = ("hits", "misses", "prefetch_hits", "prefetches", "wasted_prefetches", "mispredictions",
+                    "bytes_moved", "prefetch_bytes", "stall_seconds")
+
+
+def _decode_delta(first: dict, last: dict) -> dict:
+    """Engine counters over the decode steps alone: totals at the end minus totals at the first token."""
+    out = {k: last[k] - first[k] for k in _DECODE_COUNTERS if k in last and k in first}
+    n = out.get("hits", 0) + out.get("misses", 0)
+    out["hit_rate"] = out["hits"] / n if n else None
+    out["prefetch_accuracy"] = out["prefetch_hits"] / out["prefetches"] if out.get("prefetches") else None
+    return out
+
+
+class _CgroupPeak:
+    """The child's view of its own cgroup's peak charge: read the peak so far, then reset it so the
+    generation's own peak can be read at the end (v1: write 0 to ``memory.max_usage_in_bytes``; v2: a
+    write to ``memory.peak`` resets it for reads through the same open file)."""
+
+    def __init__(self, info: dict | None) -> None:
+        self.info = info
+        self.fd: Any = None
+
+    def read_and_reset(self) -> int | None:
+        if not self.info:
+            return None
+        path = Path(self.info["path"])
+        try:
+            if self.info["version"] == 1:
+                peak = int((path / "memory.max_usage_in_bytes").read_text())
+                (path / "memory.max_usage_in_bytes").write_text("0")
+                return peak
+            self.fd = open(path / "memory.peak", "r+")  # noqa: SIM115 - kept open until read()
+            peak = int(self.fd.read())
+            self.fd.seek(0)
+            self.fd.write("reset\n")
+            self.fd.flush()
+            return peak
+        except (OSError, ValueError):
+            self.fd = None
+            return None
+
+    def read(self) -> int | None:
+        if not self.info:
+            return None
+        try:
+            if self.info["version"] == 1:
+                return int((Path(self.info["path"]) / "memory.max_usage_in_bytes").read_text())
+            if self.fd is None:
+                return None
+            self.fd.seek(0)
+            return int(self.fd.read())
+        except (OSError, ValueError):
+            return None
 
 
 def worker(spec: dict, events_path: str) -> int:
@@ -387,15 +479,23 @@ def _measure(spec: dict, emit) -> None:
     # Generation starts cold for every system: what loading left in the page cache goes.
     drop_page_cache([Path(model_path), offload_dir])
     reset = _reset_peak_rss()
+    cgroup = _CgroupPeak(spec.get("cgroup"))
     emit({"event": "loaded", "load_s": load_s, "peak_rss_load": peak_load,
           "disk_read_load": io1["read_bytes"] - io0["read_bytes"],
-          "disk_write_load": io1["write_bytes"] - io0["write_bytes"]})
+          "disk_write_load": io1["write_bytes"] - io0["write_bytes"],
+          "cgroup_peak_load": cgroup.read_and_reset()})
+    engine = getattr(model, "engine", None)
+    at_first: dict = {}
+
+    def snapshot() -> None:
+        if engine is not None:
+            at_first.update(_scalar_stats(engine.stats()))
 
     input_ids = torch.tensor([spec["prompt_ids"]], dtype=torch.long)
     n = spec["decode_tokens"]
     io2 = _proc_io()
     start = time.perf_counter()
-    clock = _TokenClock(emit, start, n)
+    clock = _TokenClock(emit, start, n, on_first=snapshot)
     with torch.inference_mode():
         model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=n, min_new_tokens=n,
                        do_sample=False, streamer=clock, pad_token_id=0)
@@ -403,12 +503,13 @@ def _measure(spec: dict, emit) -> None:
     status = _proc_status()
     done = {"event": "done", "disk_read_generate": io3["read_bytes"] - io2["read_bytes"],
             "peak_rss_generate": status["VmHWM"] if reset else None,
-            "peak_rss": max(peak_load, status["VmHWM"])}
-    engine = getattr(model, "engine", None)
+            "peak_rss": max(peak_load, status["VmHWM"]), "cgroup_peak_generate": cgroup.read()}
     if engine is not None:
         stats = _scalar_stats(engine.stats())
         done["engine_stats"] = stats
         done["engine_bytes_moved"] = stats.get("bytes_moved")
+        if at_first:
+            done["engine_decode_stats"] = _decode_delta(at_first, stats)
     emit(done)
 
 
@@ -434,7 +535,7 @@ def _fold(result: RunResult, events: list[dict], prompt_len: int) -> None:
         if kind == "imported":
             result.rss_after_import_bytes = ev["rss"]
         elif kind == "placement":
-            result.memory_cap_bytes = ev["memory_cap_bytes"]
+            result.max_memory_bytes = ev["max_memory_bytes"]
             result.device_map_summary = ev["device_map_summary"]
         elif kind == "loaded":
             result.load_s = ev["load_s"]
@@ -442,6 +543,7 @@ def _fold(result: RunResult, events: list[dict], prompt_len: int) -> None:
             result.peak_rss_bytes = ev["peak_rss_load"]
             result.disk_read_load_bytes = ev["disk_read_load"]
             result.disk_write_load_bytes = ev["disk_write_load"]
+            result.cgroup_peak_bytes = ev.get("cgroup_peak_load")
         elif kind == "token":
             result.token_times_s.append(ev["t"])
             result.tokens.append(ev["token"])
@@ -451,6 +553,8 @@ def _fold(result: RunResult, events: list[dict], prompt_len: int) -> None:
             result.peak_rss_bytes = ev["peak_rss"]
             result.engine_stats = ev.get("engine_stats")
             result.engine_bytes_moved = ev.get("engine_bytes_moved")
+            result.engine_decode_stats = ev.get("engine_decode_stats")
+            result.cgroup_peak_generate_bytes = ev.get("cgroup_peak_generate")
         elif kind == "error":
             result.error = ev["error"]
     times = result.token_times_s
@@ -463,8 +567,78 @@ def _fold(result: RunResult, events: list[dict], prompt_len: int) -> None:
         result.decode_tok_s = (len(times) - 1) / result.decode_s
 
 
-def run_system(run: SystemRun, settings: BenchSettings, prompt: list[int]) -> RunResult:
-    """Run one system in a fresh subprocess (page cache dropped first); never raises for its failures."""
+@dataclass(frozen=True)
+class MemoryCapPlan:
+    """How runs are capped: cgroups from ``backend``, limit = non-expert + budget x expert + allowance."""
+
+    backend: CgroupBackend
+    allowance_bytes: int
+    sizes: CheckpointBytes
+
+    def limit_for(self, run: SystemRun) -> int | None:
+        if run.system in UNCAPPED:
+            return None
+        return self.sizes.non_expert_bytes + int(run.budget * self.sizes.expert_bytes) + self.allowance_bytes
+
+
+# A tiny Mixtral for measuring the runtime allowance (what importing and running costs, weights aside).
+ALLOWANCE_SPEC = CheckpointSpec(num_layers=2, num_experts=4, hidden_size=64, intermediate_size=128, num_heads=4,
+                                num_kv_heads=2, vocab_size=256)
+
+
+def _calibrate_child(model_path: str, threads: int) -> None:
+    """Child of :func:`measure_runtime_allowance`: import everything a run imports, run a tiny model."""
+    import accelerate  # noqa: F401  (the baselines import it)
+    import torch
+    import transformers  # noqa: F401
+
+    import moe_engine
+
+    if threads:
+        torch.set_num_threads(threads)
+    model = moe_engine.from_pretrained(model_path, budget=1.0, policy="lru", device="cpu")
+    ids = torch.arange(8, 24).unsqueeze(0)
+    with torch.inference_mode():
+        model(ids)
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False, pad_token_id=0)
+    print(json.dumps({"peak_rss": _proc_status()["VmHWM"]}), flush=True)
+
+
+def measure_runtime_allowance(backend: CgroupBackend | None, threads: int | None, work_dir: Path) -> dict:
+    """Peak memory of a child that imports torch, transformers, accelerate and moe_engine and runs a tiny
+    model's forward pass and a 2-token ``generate()``: the memory every run needs besides its weights.
+    The allowance is the larger of the child's peak RSS and its cgroup's peak charge."""
+    with tempfile.TemporaryDirectory(prefix=".bench-allowance-", dir=work_dir) as tmp:
+        path = ensure_checkpoint(Path(tmp) / "tiny", ALLOWANCE_SPEC, progress=False)
+        cmd = [sys.executable, "-m", "benchmarks.bench_offload", "--calibrate", str(path), str(threads or 0)]
+        cg = backend.create("allowance", None) if backend is not None else None
+        try:
+            proc = subprocess.run(cg.wrap(cmd) if cg else cmd, capture_output=True, text=True, env=_child_env(),
+                                  timeout=600)
+            figures = cg.figures() if cg else {}
+        finally:
+            if cg is not None:
+                cg.remove()
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"measuring the runtime allowance failed (exit {proc.returncode}): {proc.stderr[-1500:]}")
+    peak_rss = json.loads(lines[-1])["peak_rss"]
+    cg_peak = figures.get("peak_bytes")
+    return {"peak_rss_bytes": peak_rss, "cgroup_peak_bytes": cg_peak, "allowance_bytes": max(peak_rss, cg_peak or 0),
+            "how": "peak of a child importing torch, transformers, accelerate, moe_engine and running a tiny "
+                   "Mixtral's forward pass and a 2-token generate() (max of peak RSS and cgroup peak charge)"}
+
+
+def _child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_REPO_ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
+def run_system(run: SystemRun, settings: BenchSettings, prompt: list[int],
+               cap: MemoryCapPlan | None = None) -> RunResult:
+    """Run one system in a fresh subprocess (page cache dropped first; in a fresh memory cgroup when
+    ``cap`` is given); never raises for its failures."""
     model_path = Path(settings.model_path).resolve()
     offload_root = Path(settings.offload_root) if settings.offload_root else model_path.parent
     offload_root.mkdir(parents=True, exist_ok=True)
@@ -476,15 +650,27 @@ def run_system(run: SystemRun, settings: BenchSettings, prompt: list[int]) -> Ru
                 "offload_dir": str(offload_dir), "prompt_ids": prompt, "decode_tokens": settings.decode_tokens,
                 "threads": settings.threads}
         drop_page_cache([model_path])
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_REPO_ROOT), env.get("PYTHONPATH")]))
+        env = _child_env()
+        cg = None
+        if cap is not None:
+            cg = cap.backend.create(run.label.replace("@", "-"), cap.limit_for(run))
+            spec["cgroup"] = {"path": str(cg.path), "version": cg.version}
+            result.memory_cap_bytes = cg.limit_bytes
+            result.memory_cap_enforced = cg.limit_bytes is not None
         cmd = [sys.executable, "-m", "benchmarks.bench_offload", "--worker", json.dumps(spec), str(events_path)]
+        if cg is not None:
+            cmd = cg.wrap(cmd)
         t0 = time.perf_counter()
         peaks = {"VmRSS": 0, "RssAnon": 0, "RssFile": 0}
         cache_peak, next_cache_sample = 0, 0.0
         with open(log_path, "w") as log:
             # stderr is shown live (progress bars); stdout of libraries goes to the log.
-            proc = subprocess.Popen(cmd, stdout=log, stderr=None, env=env, start_new_session=True)
+            try:
+                proc = subprocess.Popen(cmd, stdout=log, stderr=None, env=env, start_new_session=True)
+            except BaseException:
+                if cg is not None:
+                    cg.remove()
+                raise
             try:
                 while proc.poll() is None:
                     try:
@@ -507,9 +693,21 @@ def run_system(run: SystemRun, settings: BenchSettings, prompt: list[int]) -> Ru
                 os.killpg(proc.pid, signal.SIGKILL)  # never leave a child running behind an interrupt
                 proc.wait()
                 raise
+            finally:
+                figures = cg.figures() if cg is not None else None
+                if cg is not None:
+                    cg.remove()
         result.wall_s = time.perf_counter() - t0
         events = _events(events_path)
         _fold(result, events, len(prompt))
+        if figures is not None:
+            result.cgroup = figures
+            # v1's peak was reset after loading: the whole run's peak is the larger of the two phases.
+            result.cgroup_peak_bytes = max(filter(None, [result.cgroup_peak_bytes, figures["peak_bytes"]]),
+                                           default=None)
+            result.cgroup_oom_kills = figures["oom_kills"]
+            result.cgroup_limit_hits = figures["limit_hits"]
+        result.peak_memory_bytes = result.cgroup_peak_bytes or result.peak_rss_bytes
         result.peak_rss_sampled_bytes = peaks["VmRSS"] or None
         result.peak_rss_anon_sampled_bytes = peaks["RssAnon"] or None
         result.peak_rss_file_sampled_bytes = peaks["RssFile"] or None
@@ -518,6 +716,13 @@ def run_system(run: SystemRun, settings: BenchSettings, prompt: list[int]) -> Ru
         if result.status != "timed_out":
             if proc.returncode == 0 and any(ev["event"] == "done" for ev in events):
                 result.status = "ok"
+            elif result.cgroup_oom_kills:
+                result.status = "oom_killed"
+                loaded = any(ev["event"] == "loaded" for ev in events)
+                result.error = (f"killed by the kernel at the memory cap of {(result.memory_cap_bytes or 0) / 2**20:.0f}"
+                                f" MiB (cgroup OOM kill, exit code {proc.returncode}) "
+                                + (f"while generating, after {len(result.token_times_s)} tokens" if loaded
+                                   else "while loading"))
             elif result.error is None:
                 tail = log_path.read_text()[-1500:] if log_path.exists() else ""
                 result.error = f"exit code {proc.returncode}: {tail.strip()}"
@@ -556,13 +761,19 @@ def _checks(by_label: dict[str, RunResult], ref_budget: float) -> list[dict]:
         if lru is None or acc is None:
             continue
         speedup = _ratio(lru.decode_tok_s, acc.decode_tok_s) if ok(lru) and ok(acc) else None
-        rss = (lru.peak_rss_bytes, acc.peak_rss_bytes)
-        rss_ok = rss[0] is not None and rss[1] is not None and rss[0] <= rss[1]
+        # Peak memory: the cgroup's peak charge (RSS + page cache) where measured, else peak RSS.
+        mem = (lru.peak_memory_bytes, acc.peak_memory_bytes)
+        mem_ok = mem[0] is not None and mem[1] is not None and mem[0] <= mem[1]
+        what = "cgroup peak" if lru.cgroup_peak_bytes is not None and acc.cgroup_peak_bytes is not None else "peak RSS"
         checks.append({
-            "name": f"lru@{b} decode >= {BAR_ENGINE_VS_ACCELERATE:g}x {baseline}@{b} at no more peak RSS",
+            "name": f"lru@{b} decode >= {BAR_ENGINE_VS_ACCELERATE:g}x {baseline}@{b} at no more {what}",
+            "baseline_status": acc.status,
+            "baseline_capped": acc.memory_cap_enforced,
             "decode_speedup": speedup,
-            "peak_rss_bytes": {"lru": rss[0], baseline: rss[1]},
-            "passed": bool(speedup is not None and speedup >= BAR_ENGINE_VS_ACCELERATE and rss_ok),
+            "peak_memory_bytes": {"lru": mem[0], baseline: mem[1]},
+            "peak_memory_measure": what,
+            "peak_rss_bytes": {"lru": lru.peak_rss_bytes, baseline: acc.peak_rss_bytes},
+            "passed": bool(speedup is not None and speedup >= BAR_ENGINE_VS_ACCELERATE and mem_ok),
         })
     if lru is not None and pre is not None:
         speedup = _ratio(pre.decode_tok_s, lru.decode_tok_s) if ok(lru) and ok(pre) else None
@@ -574,6 +785,62 @@ def _checks(by_label: dict[str, RunResult], ref_budget: float) -> list[dict]:
     return checks
 
 
+def _decode_profile(r: RunResult) -> dict | None:
+    """Where an engine run's decode time went: waiting on expert reads (stall) vs everything else."""
+    d = r.engine_decode_stats
+    if not d or not r.decode_s or r.new_tokens < 2:
+        return None
+    steps = r.new_tokens - 1
+    stall = d["stall_seconds"]
+    return {
+        "decode_steps": steps,
+        "decode_s_per_token": r.decode_s / steps,
+        "stall_s_per_token": stall / steps,
+        "compute_s_per_token": (r.decode_s - stall) / steps,  # attention, experts, routing, prediction
+        "stall_share": stall / r.decode_s,
+        "bytes_moved_per_token": d["bytes_moved"] / steps,
+        "prefetch_bytes_per_token": d["prefetch_bytes"] / steps,
+        "misses_per_token": d["misses"] / steps,
+        "hit_rate": d["hit_rate"],
+        "prefetches": d["prefetches"],
+        "prefetch_accuracy": d["prefetch_accuracy"],
+        "wasted_prefetches": d["wasted_prefetches"],
+        # decode-time read rate the engine saw (bytes moved / decode time)
+        "read_gbytes_per_s": d["bytes_moved"] / r.decode_s / 1e9,
+    }
+
+
+def memory_cap_plan(settings: BenchSettings, sizes: CheckpointBytes, runs: list[SystemRun],
+                    progress: bool) -> tuple[MemoryCapPlan | None, dict]:
+    """The cgroup plan for ``settings.memory_cap`` (None for "none") and its description for the report."""
+    info: dict[str, Any] = {"mode": settings.memory_cap}
+    if settings.memory_cap == "none":
+        info["note"] = ("no kernel memory cap: accelerate's max_memory bounds its RSS only; the page cache "
+                        "its offloaded weights are read through is not bounded")
+        return None, info
+    backend, why = detect_backend()
+    if backend is None:
+        raise RuntimeError(f"memory cap 'cgroup' is not available here: {why}")
+    info["backend"] = why
+    allowance: dict[str, Any]
+    if settings.runtime_allowance_bytes is not None:
+        allowance = {"allowance_bytes": settings.runtime_allowance_bytes, "how": "given in the settings"}
+    else:
+        if progress:
+            print("[bench] measuring the runtime allowance (imports + a tiny model's forward pass) ...",
+                  file=sys.stderr)
+        root = Path(settings.offload_root) if settings.offload_root else Path(settings.model_path).resolve().parent
+        allowance = measure_runtime_allowance(backend, settings.threads, root)
+    info["runtime_allowance"] = allowance
+    plan = MemoryCapPlan(backend, allowance["allowance_bytes"], sizes)
+    info["formula"] = "non_expert_bytes + budget * expert_bytes + runtime allowance (accelerate_plain: no limit)"
+    info["limits_bytes"] = {r.label: plan.limit_for(r) for r in runs}
+    if progress:
+        print(f"[bench] memory cap: {why}; runtime allowance {allowance['allowance_bytes'] / 2**20:.0f} MiB",
+              file=sys.stderr)
+    return plan, info
+
+
 def run_benchmark(settings: BenchSettings, *, progress: bool = True) -> dict:
     """Run every system of ``settings`` one after the other; return the report (JSON-ready dict)."""
     from tqdm.auto import tqdm
@@ -581,13 +848,14 @@ def run_benchmark(settings: BenchSettings, *, progress: bool = True) -> dict:
     sizes = checkpoint_bytes(settings.model_path)
     prompt = prompt_ids(settings.model_path, settings.prompt_tokens, settings.seed)
     runs = [SystemRun(name, float(budget)) for name, _, budget in (s.partition("@") for s in settings.systems)]
+    cap, cap_info = memory_cap_plan(settings, sizes, runs, progress)
     results: list[RunResult] = []
     bar = tqdm(runs, desc="systems", unit="run", disable=not progress)
     for run in bar:
         bar.set_postfix_str(run.label)
         if progress:
             tqdm.write(f"[bench] {run.label}: loading, then decoding {settings.decode_tokens} tokens ...")
-        res = run_system(run, settings, prompt)
+        res = run_system(run, settings, prompt, cap)
         results.append(res)
         if progress:
             tqdm.write(f"[bench] {run.label}: {res.status}"
@@ -605,9 +873,11 @@ def run_benchmark(settings: BenchSettings, *, progress: bool = True) -> dict:
                 "decode_speedup": _ratio(r.decode_tok_s, ref.decode_tok_s),
                 "prefill_speedup": _ratio(r.prefill_tok_s, ref.prefill_tok_s),
                 "peak_rss_ratio": _ratio(r.peak_rss_bytes, ref.peak_rss_bytes),
+                "peak_memory_ratio": _ratio(r.peak_memory_bytes, ref.peak_memory_bytes),
                 "peak_rss_generate_ratio": _ratio(r.peak_rss_generate_bytes, ref.peak_rss_generate_bytes),
                 "disk_read_generate_ratio": _ratio(r.disk_read_generate_bytes, ref.disk_read_generate_bytes),
             }
+        row["decode_profile"] = _decode_profile(r)
         row["same_tokens_as_first_run"] = (None if first_ok is None or r.status != "ok"
                                            else r.tokens == first_ok.tokens)
         rows.append(row)
@@ -621,6 +891,7 @@ def run_benchmark(settings: BenchSettings, *, progress: bool = True) -> dict:
         "model": {"path": str(Path(settings.model_path).resolve()), "name": settings.model_name,
                   "expert_bytes": sizes.expert_bytes, "non_expert_bytes": sizes.non_expert_bytes,
                   "expert_dtype": sizes.expert_dtype},
+        "memory_cap": cap_info,
         "prompt_ids": prompt,
         "environment": {"python": platform.python_version(), "torch": torch.__version__,
                         "transformers": transformers.__version__, "cpus": os.cpu_count(),
@@ -642,33 +913,67 @@ def _fmt(value, scale: float = 1.0, digits: int = 2) -> str:
 def format_table(report: dict) -> str:
     """A fixed-width table of every run's figures (MiB/GiB in binary units)."""
     mib, gib = 2**20, 2**30
-    head = (f"{'system':<22}{'status':<10}{'prefill':>8}{'decode':>8}{'x acc':>7}{'x cold':>7}{'peak RSS':>9}"
-            f"{'gen RSS':>8}{'pcache':>8}{'read gen':>9}{'moved':>7}{'hits':>6}{'load':>6}")
-    units = (f"{'':<22}{'':<10}{'tok/s':>8}{'tok/s':>8}{'':>7}{'':>7}{'MiB':>9}{'MiB':>8}{'MiB':>8}{'GiB':>9}"
-             f"{'GiB':>7}{'':>6}{'s':>6}")
+    head = (f"{'system':<22}{'status':<11}{'prefill':>8}{'decode':>8}{'x acc':>7}{'x plain':>8}{'x cold':>7}"
+            f"{'cap':>7}{'cg peak':>8}{'cg gen':>7}{'OOM':>4}{'peak RSS':>9}{'gen RSS':>8}{'pcache':>7}"
+            f"{'read gen':>9}{'moved':>7}{'hits':>6}{'load':>6}")
+    units = (f"{'':<22}{'':<11}{'tok/s':>8}{'tok/s':>8}{'':>7}{'':>8}{'':>7}{'MiB':>7}{'MiB':>8}{'MiB':>7}{'':>4}"
+             f"{'MiB':>9}{'MiB':>8}{'MiB':>7}{'GiB':>9}{'GiB':>7}{'':>6}{'s':>6}")
     lines = [head, units, "-" * len(head)]
     for r in report["results"]:
         hit_rate = (r.get("engine_stats") or {}).get("hit_rate")
         speed = [(r.get(f"vs_{b}") or {}).get("decode_speedup") for b in BASELINES]
+        cap = r.get("memory_cap_bytes") if r.get("memory_cap_enforced") else None
+        oom = r.get("cgroup_oom_kills")
         lines.append(
-            f"{r['label']:<22}{r['status']:<10}{_fmt(r['prefill_tok_s'], digits=1):>8}"
-            f"{_fmt(r['decode_tok_s']):>8}{_fmt(speed[0]):>7}{_fmt(speed[1]):>7}"
+            f"{r['label']:<22}{r['status']:<11}{_fmt(r['prefill_tok_s'], digits=1):>8}"
+            f"{_fmt(r['decode_tok_s']):>8}{_fmt(speed[0]):>7}{_fmt(speed[1]):>8}{_fmt(speed[2]):>7}"
+            f"{_fmt(cap, mib, 0) if cap else 'none':>7}{_fmt(r.get('cgroup_peak_bytes'), mib, 0):>8}"
+            f"{_fmt(r.get('cgroup_peak_generate_bytes'), mib, 0):>7}{'-' if oom is None else oom:>4}"
             f"{_fmt(r['peak_rss_bytes'], mib, 0):>9}{_fmt(r['peak_rss_generate_bytes'], mib, 0):>8}"
-            f"{_fmt(r['peak_page_cache_bytes'], mib, 0):>8}{_fmt(r['disk_read_generate_bytes'], gib):>9}"
+            f"{_fmt(r['peak_page_cache_bytes'], mib, 0):>7}{_fmt(r['disk_read_generate_bytes'], gib):>9}"
             f"{_fmt(r['engine_bytes_moved'], gib):>7}{_fmt(hit_rate):>6}{_fmt(r['load_s'], digits=1):>6}"
         )
+    profiles = [(r["label"], r["decode_profile"]) for r in report["results"] if r.get("decode_profile")]
+    if profiles:
+        lines.append("")
+        lines.append(f"{'decode profile':<22}{'s/tok':>7}{'stall':>7}{'other':>7}{'stall%':>7}{'MiB/tok':>8}"
+                     f"{'pref MiB':>9}{'miss/tok':>9}{'hits':>6}{'pref acc':>9}{'GB/s':>6}")
+        for label, p in profiles:
+            lines.append(
+                f"{label:<22}{p['decode_s_per_token']:>7.3f}{p['stall_s_per_token']:>7.3f}"
+                f"{p['compute_s_per_token']:>7.3f}{100 * p['stall_share']:>6.0f}%"
+                f"{p['bytes_moved_per_token'] / mib:>8.1f}{p['prefetch_bytes_per_token'] / mib:>9.1f}"
+                f"{p['misses_per_token']:>9.1f}{_fmt(p['hit_rate']):>6}{_fmt(p['prefetch_accuracy']):>9}"
+                f"{p['read_gbytes_per_s']:>6.2f}")
+        lines.append("decode profile (decode steps only): s/tok = stall (waiting on expert reads) + other "
+                     "(compute, routing, prediction); MiB/tok moved, of which prefetched; pref acc: share of "
+                     "prefetched experts then used")
     m = report["model"]
     lines.append("")
     lines.append(f"model {m['name']}: experts {m['expert_bytes'] / gib:.2f} GiB ({m['expert_dtype']}), "
                  f"other weights {m['non_expert_bytes'] / mib:.0f} MiB; prompt {report['settings']['prompt_tokens']}"
                  f" tokens, {report['settings']['decode_tokens']} decoded, batch 1, torch threads "
                  f"{report['settings']['threads'] or 'default'}")
-    lines.append("x acc / x cold: decode speed over accelerate / accelerate_cold at the same budget (else at "
-                 f"{report['settings']['ref_budget']:g}); gen RSS: peak RSS while generating; pcache: peak "
-                 "page cache held by the model's and offload folder's files; read gen: bytes read from disk "
-                 "while generating; moved: engine's expert bytes loaded; hits: engine's hit rate")
+    cap_info = report.get("memory_cap") or {}
+    if cap_info.get("mode") == "cgroup":
+        allowance = cap_info["runtime_allowance"]["allowance_bytes"]
+        lines.append(f"memory cap: {cap_info['backend']}; cap = non-expert + budget x expert bytes + runtime "
+                     f"allowance {allowance / mib:.0f} MiB (page cache charged); accelerate_plain uncapped")
+    else:
+        lines.append("memory cap: none (accelerate's max_memory bounds its RSS only, not its page cache)")
+    lines.append("x acc / x plain / x cold: decode speed over accelerate (capped) / accelerate_plain / "
+                 "accelerate_cold at the same budget (else at "
+                 f"{report['settings']['ref_budget']:g}); cap: kernel memory cap; cg peak / cg gen: the "
+                 "cgroup's peak charge (RSS + page cache) over the run / while generating; OOM: kills at the "
+                 "cap; gen RSS: peak RSS while generating; pcache: peak page cache held by the model's and "
+                 "offload folder's files; read gen: bytes read from disk while generating; moved: engine's "
+                 "expert bytes loaded; hits: engine's hit rate")
     for c in report["checks"]:
-        lines.append(f"{'PASS' if c['passed'] else 'FAIL'}: {c['name']} (measured {_fmt(c['decode_speedup'])}x)")
+        extra = ""
+        if "peak_memory_bytes" in c:
+            extra = ", peak " + " vs ".join(f"{_fmt(v, mib, 0)} MiB" for v in c["peak_memory_bytes"].values())
+        lines.append(f"{'PASS' if c['passed'] else 'FAIL'}: {c['name']} (measured {_fmt(c['decode_speedup'])}x"
+                     f"{extra})")
     return "\n".join(lines)
 
 
@@ -681,7 +986,8 @@ def plot(report: dict, png_path: str | os.PathLike) -> Path:
 
     fig, (ax_speed, ax_mem) = plt.subplots(1, 2, figsize=(12, 4.5))
     style = {"lru": ("o", "C0"), "prefetch": ("s", "C1"), "ondemand": ("^", "C2"), "accelerate": ("D", "C3"),
-             "accelerate_cold": ("v", "C4")}
+             "accelerate_plain": ("P", "C5"), "accelerate_cold": ("v", "C4")}
+    capped = (report.get("memory_cap") or {}).get("mode") == "cgroup"
     budgets: set[float] = set()
     for system in SYSTEMS:
         rows = sorted((r for r in report["results"] if r["system"] == system and r["status"] == "ok"),
@@ -692,14 +998,20 @@ def plot(report: dict, png_path: str | os.PathLike) -> Path:
         x = [100 * r["budget"] for r in rows]
         budgets.update(x)
         ax_speed.plot(x, [r["decode_tok_s"] for r in rows], marker=marker, color=color, label=system)
-        ax_mem.plot(x, [r["peak_rss_bytes"] / 2**20 for r in rows], marker=marker, color=color,
+        ax_mem.plot(x, [(r["peak_memory_bytes"] or 0) / 2**20 for r in rows], marker=marker, color=color,
                     label=f"{system}: whole run")
-        gen = [r["peak_rss_generate_bytes"] for r in rows]
+        gen = [r["cgroup_peak_generate_bytes"] if capped else r["peak_rss_generate_bytes"] for r in rows]
         if None not in gen:
             ax_mem.plot(x, [g / 2**20 for g in gen], marker=marker, color=color, linestyle=":", alpha=0.6,
                         label=f"{system}: generation")
+    caps = sorted({(100 * r["budget"], r["memory_cap_bytes"]) for r in report["results"]
+                   if r.get("memory_cap_enforced") and r.get("memory_cap_bytes")})
+    if caps:
+        ax_mem.plot([c[0] for c in caps], [c[1] / 2**20 for c in caps], color="k", linestyle="--", linewidth=1,
+                    label="kernel memory cap")
+    mem_title = "peak memory: cgroup charge, RSS + page cache" if capped else "peak RSS"
     for ax, title, ylabel in ((ax_speed, "decode speed (higher is better)", "tokens / s"),
-                              (ax_mem, "peak RSS (lower is better)", "MiB")):
+                              (ax_mem, f"{mem_title} (lower is better)", "MiB")):
         ax.set_xlabel("expert budget (% of expert bytes)")
         ax.set_ylabel(ylabel)
         ax.set_title(title)
@@ -709,7 +1021,8 @@ def plot(report: dict, png_path: str | os.PathLike) -> Path:
         ax.legend(fontsize=8)
     m = report["model"]
     fig.suptitle(f"{m['name']}: {m['expert_bytes'] / 2**30:.2f} GiB of experts, batch 1, "
-                 f"{report['settings']['decode_tokens']} decoded tokens, cold page cache")
+                 f"{report['settings']['decode_tokens']} decoded tokens, cold page cache, "
+                 + ("kernel memory cap (cgroup) on all but accelerate_plain" if capped else "no kernel memory cap"))
     fig.tight_layout()
     out = Path(png_path)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -731,6 +1044,8 @@ def write_report(report: dict, out_dir: str | os.PathLike) -> tuple[Path, Path]:
 if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "--worker":
         sys.exit(worker(json.loads(sys.argv[2]), sys.argv[3]))
+    elif len(sys.argv) == 4 and sys.argv[1] == "--calibrate":
+        _calibrate_child(sys.argv[2], int(sys.argv[3]))
     else:
         print("usage: moe-engine bench --help  (this module's own entry point is for the benchmark's children)",
               file=sys.stderr)

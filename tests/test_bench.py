@@ -45,6 +45,7 @@ def test_bench_cli_end_to_end(tiny_bench_checkpoint: Path, tmp_path: Path,
     # subprocess importing torch and transformers; to keep this test short, "ondemand" (which differs
     # from "lru" by its policy name only) and "accelerate" (which differs from "accelerate_cold" by the
     # page-cache hook only) are left out.
+    # Runs under the default memory cap: cgroup where this machine allows it (see the assertions below).
     with_prefetch = "cross_layer_gate" in available_predictors()
     systems = "lru@0.25," + ("prefetch@0.25," if with_prefetch else "") + "accelerate_cold@0.25"
     rc = main(["bench", "--model", str(tiny_bench_checkpoint), "--systems", systems, "--decode-tokens", "2",
@@ -64,7 +65,17 @@ def test_bench_cli_end_to_end(tiny_bench_checkpoint: Path, tmp_path: Path,
         assert stats["bytes_moved"] > 0 and stats["peak_resident_bytes"] <= stats["budget_bytes"]
         # Prefetch and caching change timing only, never the tokens.
         assert results[label]["tokens"] == results["lru@0.25"]["tokens"]
-    assert results["accelerate_cold@0.25"]["memory_cap_bytes"] > 0
+    assert results["accelerate_cold@0.25"]["max_memory_bytes"] > 0
+    if report["memory_cap"]["mode"] == "cgroup":  # the default where cgroups can be used (root, Linux)
+        allowance = report["memory_cap"]["runtime_allowance"]["allowance_bytes"]
+        sizes = report["model"]
+        for r in results.values():
+            assert r["memory_cap_enforced"] and r["cgroup_oom_kills"] == 0
+            # The same cap for every system at a budget (v1 rounds it down to whole pages).
+            expected = sizes["non_expert_bytes"] + int(0.25 * sizes["expert_bytes"]) + allowance
+            assert expected - 4096 < r["memory_cap_bytes"] <= expected
+            assert 0 < r["cgroup_peak_generate_bytes"] <= r["cgroup_peak_bytes"] <= r["memory_cap_bytes"]
+            assert r["peak_memory_bytes"] == r["cgroup_peak_bytes"]
     checked = [c["name"] for c in report["checks"]]
     assert len(checked) == 1 + with_prefetch and "accelerate_cold@0.25" in checked[0]
     out = capsys.readouterr().out
@@ -77,6 +88,24 @@ def test_a_run_past_its_timeout_is_reported_as_timed_out(tiny_bench_checkpoint: 
     (result,) = run_benchmark(settings, progress=False)["results"]
     assert result["status"] == "timed_out" and "0 s" in result["error"]
     assert result["decode_tok_s"] is None
+
+
+def test_a_run_killed_at_the_memory_cap_is_reported_as_such(tiny_bench_checkpoint: Path) -> None:
+    from benchmarks.memory_cap import detect_backend
+
+    backend, why = detect_backend()
+    if backend is None:
+        pytest.skip(f"no memory cgroup here: {why}")
+    # A 1 MiB runtime allowance: the child cannot even import torch under its cap.
+    settings = BenchSettings(model_path=str(tiny_bench_checkpoint), model_name="tiny", systems=("lru@0.5",),
+                             decode_tokens=2, prompt_tokens=4, threads=1, memory_cap="cgroup",
+                             runtime_allowance_bytes=2**20)
+    report = run_benchmark(settings, progress=False)
+    (result,) = report["results"]
+    assert result["status"] == "oom_killed", result["error"]
+    assert result["cgroup_oom_kills"] >= 1 and result["memory_cap_enforced"]
+    assert "killed by the kernel at the memory cap" in result["error"] and "while loading" in result["error"]
+    assert report["memory_cap"]["runtime_allowance"]["how"] == "given in the settings"
 
 
 def test_parse_systems() -> None:

@@ -19,13 +19,23 @@ Systems (--systems):
   prefetch    the engine with the cross-layer-gate predictor prefetching the next layer's experts
   ondemand    the engine with no cache (policy "none"): every expert is read when it is needed
   accelerate  Hugging Face accelerate offloading, what a user would try first:
-              from_pretrained(device_map="auto", max_memory={"cpu": cap}, offload_folder=...),
-              cap = non-expert bytes + budget x expert bytes (the same memory the engine gets).
-              Its offloaded weights are read through the OS page cache, which keeps them when RAM
-              is free: the cap bounds its RSS, not the memory it uses (see the pcache column)
-  accelerate_cold  the same, with the page cache of the model's and offload folder's files
-              dropped before every forward pass: accelerate where RAM really is the cap
+              from_pretrained(device_map="auto", max_memory={"cpu": M}, offload_folder=...),
+              M = non-expert bytes + budget x expert bytes (the same memory the engine gets).
+              Its offloaded weights are read through the OS page cache, which max_memory does not
+              bound; under --memory-cap cgroup the page cache is charged to the same cap as the engine
+  accelerate_plain  the same, never under the kernel memory cap: accelerate on a machine with free
+              RAM (its page cache keeps the offloaded weights; see the pcache column). A reference
+  accelerate_cold  the same as accelerate, with the page cache of the model's and offload folder's
+              files dropped before every forward pass: accelerate where RAM really is M
   A name alone runs at --ref-budget (lru: at every --budgets); NAME@F runs at budget F.
+
+Memory cap (--memory-cap): with "cgroup" every run but accelerate_plain runs in a fresh memory cgroup
+(cgroup v1 or v2; needs root) whose limit is the same for every system at a budget:
+non-expert bytes + budget x expert bytes + a runtime allowance, measured once per benchmark as the
+peak memory of a child that imports torch, transformers, accelerate and moe_engine and runs a tiny
+model. The kernel charges page cache to the cgroup too, reclaims it at the limit and OOM-kills past
+it; a run killed so is reported as "oom_killed". The JSON records per run the cap, whether it was
+enforced, the cgroup's peak charge (whole run and generation), OOM kills and limit hits.
 
 Writes BENCH.json (settings, every figure, ratios against accelerate, the acceptance checks) and
 BENCH.png (decode tok/s and peak memory against budget) into --out, with BENCH = bench_<model>,
@@ -71,7 +81,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ref-budget", type=_fraction, default=0.25, metavar="F",
                         help="budget for systems named without @F (all but lru); the "
                              "acceptance checks compare systems at it (default: %(default)s)")
-    parser.add_argument("--systems", default="lru,prefetch,ondemand,accelerate,accelerate_cold", metavar="LIST",
+    parser.add_argument("--systems", default="lru,prefetch,ondemand,accelerate,accelerate_plain,accelerate_cold",
+                        metavar="LIST",
                         help="comma-separated systems to run, each NAME or NAME@F (default: %(default)s)")
     parser.add_argument("--decode-tokens", type=int, default=32, metavar="N",
                         help="tokens decoded greedily after the prompt (default: %(default)s)")
@@ -83,6 +94,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "as timed out, with the tokens it had decoded (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=None, metavar="N",
                         help="torch threads in every run (default: torch's default, one per core)")
+    parser.add_argument("--memory-cap", choices=("none", "cgroup"), default=None,
+                        help="kernel-enforced memory cap for each run: 'cgroup' (a fresh memory cgroup per "
+                             "run, the same limit for every system at a budget, page cache included) or "
+                             "'none' (default: cgroup when this machine allows it, else none with a note)")
     parser.add_argument("--out", default="benchmarks/results", metavar="DIR",
                         help="folder for bench_<model>.json and .png (default: %(default)s)")
 
@@ -129,13 +144,29 @@ def run(args: argparse.Namespace) -> int:
         runs = parse_systems(args.systems, args.budgets, args.ref_budget)
     except ValueError as exc:
         raise UserError(str(exc)) from None
+    memory_cap = args.memory_cap
+    if memory_cap != "none":
+        from benchmarks.memory_cap import detect_backend
+
+        backend, why = detect_backend()
+        if backend is None and memory_cap == "cgroup":
+            raise UserError(f"--memory-cap cgroup: not available here ({why}); use --memory-cap none")
+        if backend is None:
+            print(f"note: no kernel memory cap ({why}); running with --memory-cap none, so accelerate's "
+                  "page cache is not bounded", file=sys.stderr)
+        memory_cap = "cgroup" if backend is not None else "none"
     path, name = _resolve_model(args)
     settings = BenchSettings(
         model_path=str(path), model_name=name, systems=tuple(r.label for r in runs), ref_budget=args.ref_budget,
         prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens, seed=args.seed,
-        timeout_s=args.timeout, threads=args.threads,
+        timeout_s=args.timeout, threads=args.threads, memory_cap=memory_cap,
     )
-    report = run_benchmark(settings)
+    try:
+        report = run_benchmark(settings)
+    except RuntimeError as exc:
+        if "memory cap" not in str(exc) and "runtime allowance" not in str(exc):
+            raise
+        raise UserError(str(exc)) from None
     json_path, png_path = write_report(report, args.out)
     print(format_table(report))
     print(f"\nwrote {json_path} and {png_path}")
