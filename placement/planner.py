@@ -1,9 +1,11 @@
 """The placement planner: affinity -> start -> local search -> ILP (exact or windows) -> replicas -> plan.
 
 One public entry, ``plan_placement``, over trace arrays. Steps:
-    1. Affinity from the trace (pair counts, loads); the fitted weights are ``pairs ** affinity_power``
-       (0.5 by default: compressing the heaviest pairs makes a plan generalise better to routing it has
-       not seen, e.g. another domain; 1.0 fits the training trace exactly).
+    1. Affinity from the trace (pair counts, loads); the fitted weights are ``pairs ** affinity_power``.
+       1.0 fits the training trace exactly; lower powers compress the heaviest pairs, which generalises
+       better to routing the plan has not seen (another domain). By default the power is chosen among
+       1, 0.75, 0.5 by validation on held-out parts of the trace (leave one source trace out when
+       several are pooled), with a share of the time limit.
     2. Starts: each layer chained to its neighbour by an exact capacitated assignment, from random first
        layers, alternately forwards and backwards.
     3. Local search: exact whole-layer block moves (or load-feasible swaps with balance on) until none
@@ -28,12 +30,16 @@ from typing import Any
 
 import numpy as np
 
-from placement.affinity import Affinity, compute_affinity, validate_expert_ids
+from placement.affinity import Affinity, compute_affinity, select_rows, validate_expert_ids
 from placement.ilp import available_solver, solve_ilp
 from placement.plan import PlacementPlan
 from placement.replication import add_replicas
 from placement.search import chain_start, descend, placement_cost
 from placement.topology import Topology
+
+# Candidate affinity powers for validation (affinity_power=None) and the share of time it may use.
+POWER_CANDIDATES = (1.0, 0.75, 0.5)
+VALIDATION_SHARE = 0.4
 
 # Full-instance ILP only while it stays small (binary variables, co-location pairs).
 EXACT_MAX_BINARIES = 1200
@@ -49,7 +55,7 @@ class PlannerConfig:
     time_limit: float = 60.0
     solver: str = "auto"  # "auto" | "highs" | "cbc"
     ilp: str = "auto"  # "auto" | "exact" | "windows" | "off"
-    affinity_power: float = 0.5
+    affinity_power: float | None = None  # None: chosen by validation among POWER_CANDIDATES
     weighted: bool = False  # weight pairs by router weights instead of counting them
     intra_node_cost: float = 1.0
     inter_node_cost: float = 2.0
@@ -65,7 +71,7 @@ class PlannerConfig:
             raise ValueError(f"time_limit must be positive, got {self.time_limit}")
         if self.ilp not in ("auto", "exact", "windows", "off"):
             raise ValueError(f"ilp must be auto, exact, windows or off, got {self.ilp!r}")
-        if not 0 < self.affinity_power <= 1:
+        if self.affinity_power is not None and not 0 < self.affinity_power <= 1:
             raise ValueError(f"affinity_power must be in (0, 1], got {self.affinity_power}")
         available_solver(self.solver)
 
@@ -111,10 +117,15 @@ def plan_placement(
     trace_info: dict[str, Any] | None = None,
     affinity: Affinity | None = None,
     progress: Callable[[str], None] | None = None,
+    sequence_starts: np.ndarray | None = None,
+    groups: np.ndarray | None = None,
 ) -> PlanResult:
     """Plan expert placement from a trace ``expert_ids [T, L, K]`` (optionally ``weights [T, L, K]``).
 
     ``affinity`` may be given instead of computing it from ``expert_ids`` (e.g. summed over traces).
+    With ``config.affinity_power=None`` the power is chosen by validation: leave one group out when
+    ``groups [S]`` (e.g. the source trace of each sequence of ``sequence_starts [S + 1]``) has several
+    values, so the choice reflects a shift between sources; otherwise three contiguous folds of sequences.
     """
     t0 = time.monotonic()
     deadline = t0 + config.time_limit
@@ -135,14 +146,22 @@ def plan_placement(
     topo = config.topology
     cost = topo.cost_matrix()
     capacity = capacity_for(num_experts, num_layers, config.num_devices, config.replicas)
-    fit = counts.pairs ** config.affinity_power
+    rng = np.random.default_rng(config.seed)
+    power = config.affinity_power
+    validation: dict[str, Any] = {}
+    if power is None:
+        if expert_ids is None or expert_ids.shape[0] < 3:
+            power = 0.5
+        else:
+            power, validation = _choose_power(
+                expert_ids, weights if config.weighted else None, num_experts, sequence_starts, groups, config,
+                capacity, cost, rng, t0 + VALIDATION_SHARE * config.time_limit, say,
+            )
+    fit = counts.pairs**power
     load = counts.load
-    load_limit = None
-    if config.balance is not None and config.replicas == 0:
-        load_limit = (1.0 + config.balance) * load.sum(axis=1) / config.num_devices
+    load_limit = _load_limit(load, config)
     say(f"affinity: {num_layers} layers x {num_experts} experts, {counts.total_pairs:.0f} pairs; "
         f"{config.num_devices} devices in {config.num_nodes} node(s), {int(capacity[0, 0])} slots each")
-    rng = np.random.default_rng(config.seed)
 
     # Steps 2 and 3: starts and local search, most of the time budget.
     n_bin = num_layers * num_experts * config.num_devices
@@ -152,7 +171,7 @@ def plan_placement(
     # its time (a two-layer window of 64 experts is already a hard ILP), so auto leaves it off.
     windows = config.ilp == "windows"
     search_share = 0.5 if exact else (0.8 if windows else 1.0)
-    search_seconds = config.time_limit * search_share
+    search_seconds = (deadline - time.monotonic()) * search_share + (time.monotonic() - t0)
     if exact:  # a small instance: the search only warm-starts the ILP, which gets the rest
         search_seconds = min(search_seconds, 5.0)
     search_deadline = t0 + search_seconds
@@ -198,7 +217,8 @@ def plan_placement(
         "gap": gap,
         "train_cross_device_share": train_share,
         "round_robin_train_share": rr_share,
-        "affinity_power": config.affinity_power,
+        "affinity_power": power,
+        "power_validation": validation or None,
         "balance": config.balance,
         "replicas": config.replicas,
         "intra_node_cost": config.intra_node_cost,
@@ -218,18 +238,71 @@ def plan_placement(
     return PlanResult(
         plan=plan, objective=best_cost, bound=bound, gap=gap, train_share=train_share, round_robin_share=rr_share,
         seconds=seconds, log=log,
-        stats={"starts": starts, "perturbations": perturbs, "ilp": ilp_stats, "lp_bound": lp},
+        stats={"starts": starts, "perturbations": perturbs, "ilp": ilp_stats, "lp_bound": lp, "power": power,
+               "validation": validation},
     )
 
 
-def _search(fit, cost, capacity, load, load_limit, rng, deadline, say):
+def _load_limit(load: np.ndarray, config: PlannerConfig) -> np.ndarray | None:
+    """[L] max tokens per device, or None without balance (replicas balance load by themselves)."""
+    if config.balance is None or config.replicas:
+        return None
+    return (1.0 + config.balance) * load.sum(axis=1) / config.num_devices
+
+
+def _choose_power(expert_ids, weights, num_experts, sequence_starts, groups, config, capacity, cost, rng, deadline, say):
+    """Affinity power with the lowest held-out transition cost over validation folds (see plan_placement)."""
+    num_tokens = expert_ids.shape[0]
+    if sequence_starts is None:
+        sequence_starts = np.array([0, num_tokens])
+    sequence_starts = np.asarray(sequence_starts, dtype=np.int64)
+    num_seq = len(sequence_starts) - 1
+    if groups is not None and len(np.unique(groups)) > 1:
+        groups = np.asarray(groups)
+        if len(groups) != num_seq:
+            raise ValueError(f"groups has {len(groups)} entries for {num_seq} sequences")
+        folds = [np.nonzero(groups == g)[0] for g in np.unique(groups)]
+        kind = "leave one group out"
+        rows = [select_rows(sequence_starts, f) for f in folds]
+    elif num_seq >= 3:
+        folds = [f for f in np.array_split(np.arange(num_seq), 3) if len(f)]
+        kind = "3 folds of sequences"
+        rows = [select_rows(sequence_starts, f) for f in folds]
+    else:
+        kind = "3 blocks of tokens"
+        rows = list(np.array_split(np.arange(num_tokens), 3))
+    all_rows = np.arange(num_tokens)
+    per_fit = max(0.5, (deadline - time.monotonic()) / (len(rows) * len(POWER_CANDIDATES)))
+    scores = dict.fromkeys(POWER_CANDIDATES, 0.0)
+    done = 0
+    for held in rows:
+        if time.monotonic() > deadline:
+            break  # compare the powers on the folds all of them finished
+        train_rows = np.setdiff1d(all_rows, held, assume_unique=True)
+        tr = compute_affinity(expert_ids[train_rows], num_experts, None if weights is None else weights[train_rows])
+        va = compute_affinity(expert_ids[held], num_experts)
+        limit = _load_limit(tr.load, config)
+        for power in POWER_CANDIDATES:
+            assign, _, _, _ = _search(tr.pairs**power, cost, capacity, tr.load, limit, rng,
+                                      time.monotonic() + per_fit, lambda msg: None, min_starts=1)
+            scores[power] += placement_cost(va.pairs, assign, cost) / max(va.total_pairs, 1e-12)
+        done += 1
+    if done == 0:
+        say("no time for validating the affinity power: using 0.5")
+        return 0.5, {"kind": kind, "folds": 0}
+    best = min(POWER_CANDIDATES, key=lambda p: (scores[p], -p))
+    say(f"affinity power {best} chosen by validation ({kind}, {done} of {len(rows)} folds): "
+        + ", ".join(f"{p}: {scores[p] / done:.4f}" for p in POWER_CANDIDATES))
+    return best, {"kind": kind, "folds": done, "mean_held_out_cost": {str(p): scores[p] / done for p in scores}}
+
+
+def _search(fit, cost, capacity, load, load_limit, rng, deadline, say, min_starts: int = 4):
     """Multi-start chained starts + descent, then iterated window perturbation of the best."""
     num_layers = capacity.shape[0]
     best, best_cost = None, np.inf
     starts = perturbs = 0
-    min_starts = 4
     while starts < min_starts and (starts == 0 or time.monotonic() < deadline):
-        assign = chain_start(fit, capacity, cost, rng, reverse=bool(starts % 2))
+        assign = chain_start(fit, capacity, cost, rng, reverse=bool(starts % 2), deadline=deadline)
         assign, c, _ = descend(fit, assign, cost, capacity, load, load_limit, deadline=deadline)
         starts += 1
         if c < best_cost - 1e-12:

@@ -218,10 +218,12 @@ def chain_start(
     rng: np.random.Generator,
     first: np.ndarray | None = None,
     reverse: bool = False,
+    deadline: float = np.inf,
 ) -> np.ndarray:
     """[L, E]: a random (or given) first layer, then each next layer placed exactly against the previous one.
 
-    With ``reverse`` the chain runs from the last layer down.
+    With ``reverse`` the chain runs from the last layer down. Past ``deadline`` the remaining layers copy
+    the previous layer's devices (expert by expert), so a plan always comes back in time.
     """
     num_layers = capacity.shape[0]
     num_experts = pairs.shape[1] if len(pairs) else int(capacity[0].sum())
@@ -234,6 +236,9 @@ def chain_start(
         first = rng.permutation(slots)[:num_experts]
     assign[start] = first
     for prev, layer in zip(order[:-1], order[1:]):
+        if time.monotonic() > deadline:
+            assign[layer] = assign[prev] if np.all(capacity[layer] == capacity[prev]) else assign[start]
+            continue
         if layer > prev:
             lc = times_cost(group_rows(pairs[prev], assign[prev], num_devices).T, cost)  # [E, G]
         else:

@@ -217,7 +217,7 @@ def test_replicas_fill_spare_slots_and_lower_crossings():
     assert res.plan.slots_used().max() <= 8 and res.plan.slots_used().sum() == 6 * 32
     base = plan_placement(trace.expert_ids, PlannerConfig(num_devices=2, time_limit=2), num_experts=30)
     assert base.plan.replicas == {}
-    assert sum(len(r) for r in res.plan.replicas.values()) == 6 * 2
+    assert sum(len(rep.devices) - 1 for r in res.plan.replicas.values() for rep in r.values()) == 6 * 2
     with_rep = evaluate_plan(res.plan, trace.expert_ids).cross_device_share
     without = evaluate_plan(PlacementPlan(res.plan.experts, 4), trace.expert_ids).cross_device_share
     assert with_rep <= without + 1e-9

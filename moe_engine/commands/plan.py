@@ -36,9 +36,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="MILP solver: HiGHS when highspy is installed, else CBC (default auto)")
     parser.add_argument("--ilp", choices=["auto", "exact", "windows", "off"], default="auto",
                         help="ILP stage: exact full model (small instances), layer windows, or off (default auto)")
-    parser.add_argument("--affinity-power", type=float, default=0.5,
-                        help="fit pair counts raised to this power; 1 fits the trace exactly, lower generalises "
-                             "better to unseen routing (default 0.5)")
+    parser.add_argument("--affinity-power", default="auto",
+                        help="fit pair counts raised to this power in (0, 1]; 1 fits the trace exactly, lower "
+                             "generalises better to unseen routing; auto chooses by validation, leaving one "
+                             "--trace out when several are given (default auto)")
     parser.add_argument("--weighted", action="store_true", help="weight expert pairs by router weights")
     parser.add_argument("--inter-node-cost", type=float, default=2.0,
                         help="cost of a cross-node transition relative to a cross-device one (default 2)")
@@ -52,6 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from moe_engine.cli import UserError
     from moe_engine.traces import concat_traces, load_trace
     from placement import PlannerConfig, evaluate_plan, plan_placement, round_robin_plan, save_plan
@@ -72,11 +75,16 @@ def run(args: argparse.Namespace) -> int:
         else:
             train_parts.append(t)
     train = concat_traces(train_parts)
+    groups = np.concatenate([np.full(t.num_sequences, i) for i, t in enumerate(train_parts)])
     test = concat_traces(test_parts) if test_parts else None
+    try:
+        power = None if args.affinity_power == "auto" else float(args.affinity_power)
+    except ValueError:
+        raise UserError(f"--affinity-power must be a number or auto, got {args.affinity_power!r}") from None
     try:
         config = PlannerConfig(
             num_devices=args.devices, num_nodes=args.nodes, replicas=args.replicas, balance=args.balance,
-            time_limit=args.time_limit, solver=args.solver, ilp=args.ilp, affinity_power=args.affinity_power,
+            time_limit=args.time_limit, solver=args.solver, ilp=args.ilp, affinity_power=power,
             weighted=args.weighted, inter_node_cost=args.inter_node_cost, seed=args.seed,
         )
     except ValueError as exc:
@@ -88,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
         moe_layers=meta.get("moe_layers"),
         trace_info={"files": list(args.trace), "model": meta.get("model"), "tokens": train.num_tokens,
                     "sequences": train.num_sequences, "train_fraction": args.train_fraction},
-        progress=progress,
+        progress=progress, sequence_starts=train.sequence_starts, groups=groups,
     )
     save_plan(result.plan, args.out)
     rr = round_robin_plan(train.num_layers, num_experts, args.devices, args.nodes)
