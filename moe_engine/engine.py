@@ -99,7 +99,12 @@ class Engine:
         self.store.close()
 
     # ------------------------------------------------------------------ prefetch
-    def _prefetch(self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor) -> None:
+    def _prefetch(self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor, experts: list[int]) -> None:
+        """Score layers ``layer+1 .. layer+d`` with the predictor and hand the cache a ranked list.
+
+        Per target layer, the candidates are the union of each token's top-k predicted experts, ranked
+        by how many tokens chose them (ties: total predicted probability).
+        """
         from predictors.base import PredictionContext
 
         t0 = time.perf_counter()
@@ -114,16 +119,17 @@ class Engine:
             target = layer + d
             if target >= self.num_layers:
                 break
-            info = self.layers[target]
             scores = self.predictor.scores(ctx, d)  # [T, E]
-            k = min(info.top_k, scores.shape[-1])
-            top = scores.topk(k, dim=-1).indices  # [T, k]
-            votes = torch.bincount(top.flatten(), minlength=scores.shape[-1]).float()
-            rank = votes + 1e-3 * scores.float().softmax(-1).sum(0)  # ties broken by total probability
-            chosen = rank.argsort(descending=True)[: int((votes > 0).sum())]
-            ranked.extend((target, int(e)) for e in chosen.tolist())
-        protected = {(layer, int(e)) for e in torch.unique(top_k_index).tolist()}
-        self.cache.prefetch(ranked, protected)
+            k = min(self.layers[target].top_k, scores.shape[-1])
+            if scores.shape[0] == 1:  # decode, batch 1: the token's own top-k, best first
+                chosen = scores[0].topk(k).indices.tolist()
+            else:
+                top = scores.topk(k, dim=-1).indices  # [T, k]
+                votes = torch.bincount(top.flatten(), minlength=scores.shape[-1]).float()
+                rank = votes + 1e-3 * scores.float().softmax(-1).sum(0)  # ties broken by total probability
+                chosen = rank.argsort(descending=True)[: int((votes > 0).sum())].tolist()
+            ranked.extend((target, int(e)) for e in chosen)
+        self.cache.prefetch(ranked, {(layer, e) for e in experts})
         self.predict_seconds += time.perf_counter() - t0
 
     # ------------------------------------------------------------------ compute
@@ -144,7 +150,7 @@ class Engine:
             hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero().flatten().tolist()
         experts = [e for e in hit if e != num_experts]
         if self.predictor is not None:
-            self._prefetch(layer, hidden_states, top_k_index)
+            self._prefetch(layer, hidden_states, top_k_index, experts)
         outputs: list[tuple[int, torch.Tensor, torch.Tensor]] = []
         for e, gate_up, down in self.cache.iter_experts(layer, experts):
             top_k_pos, token_idx = torch.where(expert_mask[e])
