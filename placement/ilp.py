@@ -93,6 +93,7 @@ def solve_ilp(
 
     t0 = time.monotonic()
     num_layers, num_devices = capacity.shape
+    start_arr = np.zeros((num_layers, 0), dtype=np.int64) if start is None else np.asarray(start)
     num_experts = pairs.shape[1] if pairs.ndim == 3 and len(pairs) else int(capacity[0].sum())
     free = list(range(num_layers)) if free_layers is None else sorted(set(free_layers))
     if start is None and len(free) < num_layers:
@@ -134,11 +135,11 @@ def solve_ilp(
         if is_free[layer] != is_free[nxt]:
             # one end fixed: cost of the free end on each device is linear in x
             if is_free[layer]:
-                mass = w @ _one_hot(start[nxt], num_devices)  # [E, G] mass to device h
+                mass = w @ _one_hot(start_arr[nxt], num_devices)  # [E, G] mass to device h
                 lin = mass @ cost.T
                 fl = layer
             else:
-                mass = w.T @ _one_hot(start[layer], num_devices)
+                mass = w.T @ _one_hot(start_arr[layer], num_devices)
                 lin = mass @ cost
                 fl = nxt
             objective += [float(lin[e, g]) * x[fl, e, g] for e in range(num_experts) for g in range(num_devices) if lin[e, g]]
@@ -311,9 +312,8 @@ def _run(prob, name: str, time_limit: float, warm: bool, threads: int | None) ->
         info = prob.solverModel.getInfo()
         status = prob.solverModel.getModelStatus()
         optimal = status == highspy.HighsModelStatus.kOptimal
-        obj = float(info.objective_function_value)
-        bound = float(info.mip_dual_bound)
-        return obj, (bound if np.isfinite(bound) else None), optimal
+        dual = float(info.mip_dual_bound)
+        return float(info.objective_function_value), (dual if np.isfinite(dual) else None), optimal
     fd, log_path = tempfile.mkstemp(suffix=".log", prefix="placement-cbc-")
     os.close(fd)
     try:
@@ -327,8 +327,8 @@ def _run(prob, name: str, time_limit: float, warm: bool, threads: int | None) ->
     obj_m = re.findall(r"Objective value:\s*([-+0-9.eE]+)", log)
     bound_m = re.findall(r"Lower bound:\s*([-+0-9.eE]+)", log)
     obj = float(obj_m[-1]) if obj_m else None
-    bound = float(bound_m[-1]) if bound_m else (obj if optimal else None)
-    return obj, bound, optimal
+    lower = float(bound_m[-1]) if bound_m else (obj if optimal else None)
+    return obj, lower, optimal
 
 
 def _solution(highspy, values: list[float]):

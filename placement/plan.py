@@ -1,9 +1,10 @@
 """Placement plans: the ``moe-placement/1`` JSON format, its loader, and evaluation on any trace.
 
 A plan maps each (MoE layer, expert) to its primary device, and may add replicas of hot experts in spare
-slots. A replicated expert carries a route table: ``route[g]`` is the device whose copy a token should use
-when it comes from device g (the device of the token's highest-weight expert at the previous layer; at
-the first MoE layer, the token's home device ``t % G``).
+slots. A token uses the copy on the device that holds most of its previous-layer experts (the copies
+it used there); ties, and the first MoE layer, follow the expert's route table: ``route[g]`` is the
+copy for a token coming from device g (the device of its highest-weight expert at the previous layer;
+at the first MoE layer, the token's home device ``t % G``).
 
 Format (JSON)::
 
@@ -99,6 +100,16 @@ class PlacementPlan:
         for layer, reps in self.replicas.items():
             for e, rep in reps.items():
                 table[layer, e] = rep.route
+        return table
+
+    def copy_table(self) -> np.ndarray:
+        """[L, E, C]: devices holding a copy of each expert (primary first), padded with -1."""
+        width = max([1] + [len(rep.devices) for reps in self.replicas.values() for rep in reps.values()])
+        table = np.full((self.num_layers, self.num_experts, width), -1, dtype=np.int64)
+        table[:, :, 0] = self.experts
+        for layer, reps in self.replicas.items():
+            for e, rep in reps.items():
+                table[layer, e, : len(rep.devices)] = rep.devices
         return table
 
     def slots_used(self) -> np.ndarray:
@@ -204,11 +215,22 @@ def token_devices(plan: PlacementPlan, expert_ids: np.ndarray) -> np.ndarray:
     if not plan.replicas:
         return np.asarray(plan.experts)[np.arange(num_layers)[None, :, None], ids]
     table = plan.route_table()  # [L, E, G]
+    copies = plan.copy_table()  # [L, E, C], -1 padded
     out = np.empty(ids.shape, dtype=np.int64)
     source = np.arange(num_tokens) % plan.num_devices  # home device before the first MoE layer
+    prev: np.ndarray | None = None
     for layer in range(num_layers):
-        out[:, layer] = table[layer, ids[:, layer], source[:, None]]
-        source = out[:, layer, 0]  # slot 0: the highest-weight expert
+        routed = table[layer, ids[:, layer], source[:, None]]  # [T, K] the route table's choice
+        if prev is not None and copies.shape[2] > 1:
+            cand = copies[layer, ids[:, layer]]  # [T, K, C]
+            # copies holding most of the token's previous-layer experts win; the route breaks ties
+            score = (cand[:, :, :, None] == prev[:, None, None, :]).sum(axis=3).astype(np.float64)
+            score += 0.5 * (cand == routed[:, :, None])
+            score[cand < 0] = -np.inf
+            routed = np.take_along_axis(cand, np.argmax(score, axis=2)[:, :, None], axis=2)[:, :, 0]
+        out[:, layer] = routed
+        prev = routed
+        source = routed[:, 0]  # slot 0: the highest-weight expert
     return out
 
 

@@ -311,6 +311,7 @@ def _search(fit, cost, capacity, load, load_limit, rng, deadline, say, min_start
     while time.monotonic() < deadline and num_layers > 1:
         width = int(rng.integers(1, min(8, num_layers) + 1))
         first = int(rng.integers(0, num_layers - width + 1))
+        assert best is not None
         cand = best.copy()
         for layer in range(first, first + width):
             cand[layer] = rng.permutation(cand[layer])

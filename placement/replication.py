@@ -1,9 +1,11 @@
 """Replicas of hot experts in spare slots, chosen for affinity and load, with per-source routes.
 
 With E + R slots per layer on G devices, R slots are left after the primaries. Each spare slot on device
-g takes the copy that helps most: tokens arriving at expert e from device g (previous layer's affinity
-mass) would stay on g, and an overloaded expert's tokens are spread. A token then uses the copy on its
-source device, else the nearest copy (same node first), else the least-loaded one.
+g takes the copy that helps most: pairs arriving at expert e from device g (previous layer's affinity
+mass) become local, corrected for where the switching tokens go next; with balance on, relieving an
+overloaded expert's device counts too. A slot stays empty when no copy helps. A token uses the copy
+where most of its previous-layer experts are (see placement.plan); the route table names the copy for
+each source device: local, else the nearest (same node first), else the least-loaded one.
 
 Example::
 
@@ -45,25 +47,35 @@ def add_replicas(
         row = inflow.sum(axis=1, keepdims=True)
         from_share = np.divide(inflow, row, out=np.full_like(inflow, 1.0 / num_devices), where=row > 0)
         tokens_from = from_share * load[layer][:, None]  # [E, G]
+        # affinity gain of a copy of e on g: the pairs arriving from g become local, and the tokens that
+        # switch (a share from_share[e, g] of e's tokens) leave for the next layer from g instead of e's
+        # primary device
+        pair_gain = inflow.copy()
+        if layer + 1 < num_layers:
+            outflow = group_rows(pairs[layer].T, assign[layer + 1], num_devices).T  # [E, G] mass to device h
+            primary_out = outflow[np.arange(num_experts), assign[layer]]
+            pair_gain += from_share * (outflow - primary_out[:, None])
         copies = {e: [int(assign[layer, e])] for e in range(num_experts)}
         served = tokens_from.copy()  # tokens of e served per source device: routed below
         dev_load = np.bincount(assign[layer], weights=load[layer], minlength=num_devices)
         mean_load = dev_load.mean()
+        pairs_per_token = float(inflow.sum() / max(load[layer].sum(), 1e-12)) if layer > 0 else 1.0
         while spare.sum() > 0:
             # affinity gain: tokens from g that currently leave g to reach e
             has_copy = np.zeros((num_experts, num_devices), dtype=bool)
             for e, devs in copies.items():
                 has_copy[e, devs] = True
-            gain = np.where(has_copy, -np.inf, tokens_from)
+            gain = np.where(has_copy, -np.inf, pair_gain)
             gain[:, spare <= 0] = -np.inf
-            if balance is not None or not np.isfinite(gain).any() or gain.max() <= 0:
-                # load term: relieve the busiest serving device of expert e
+            if balance is not None:
+                # load term, in pair units: relieve the busiest serving device of expert e
                 overload = np.array([max(dev_load[devs].max() - mean_load, 0.0) for devs in (copies[e] for e in range(num_experts))])
-                gain = np.where(np.isfinite(gain), gain + np.minimum(load[layer] / 2, overload)[:, None], gain)
-            if not np.isfinite(gain).any():
-                break
-            e, g = np.unravel_index(int(np.argmax(gain)), gain.shape)
-            copies[int(e)].append(int(g))
+                gain = np.where(np.isfinite(gain), gain + pairs_per_token * np.minimum(load[layer] / 2, overload)[:, None], gain)
+            if not np.isfinite(gain).any() or gain.max() <= 0:
+                break  # no copy helps: leave the slots empty
+            e_pick, g_pick = np.unravel_index(int(np.argmax(gain)), gain.shape)
+            e, g = int(e_pick), int(g_pick)
+            copies[e].append(g)
             spare[g] -= 1
             dev_load = _serve(copies, served, load[layer], assign[layer], cost, num_devices)[1]
         reps = {}

@@ -133,6 +133,7 @@ def improve_layer_swaps(
     devices = devices.copy()
     num_experts, num_devices = layer_cost.shape
     balanced = expert_load is not None and load_limit is not None
+    limit = float(load_limit) if load_limit is not None else np.inf
     w = expert_load if expert_load is not None else np.zeros(num_experts)
     idx = np.arange(num_experts)
     for _ in range(max_moves):
@@ -146,15 +147,15 @@ def improve_layer_swaps(
             # load of i's device after swapping i for j, and of j's device
             gi = dev_load[devices][:, None] - w[:, None] + w[None, :]
             gj = dev_load[devices][None, :] - w[None, :] + w[:, None]
-            excess = _load_excess(dev_load, load_limit)
+            excess = _load_excess(dev_load, limit)
             if excess > TOL:
-                old_pair = np.maximum(dev_load[devices] - load_limit, 0.0)
+                old_pair = np.maximum(dev_load[devices] - limit, 0.0)
                 new_excess = (
                     excess
                     - old_pair[:, None]
                     - old_pair[None, :]
-                    + np.maximum(gi - load_limit, 0.0)
-                    + np.maximum(gj - load_limit, 0.0)
+                    + np.maximum(gi - limit, 0.0)
+                    + np.maximum(gj - limit, 0.0)
                 )
                 gain = excess - new_excess
                 ok = (gain > TOL) & ~same
@@ -165,7 +166,7 @@ def improve_layer_swaps(
                 i, j = np.unravel_index(int(np.argmin(score)), score.shape)
                 devices[i], devices[j] = devices[j], devices[i]
                 continue
-            delta = np.where((gi <= load_limit + TOL) & (gj <= load_limit + TOL), delta, np.inf)
+            delta = np.where((gi <= limit + TOL) & (gj <= limit + TOL), delta, np.inf)
         i, j = np.unravel_index(int(np.argmin(delta)), delta.shape)
         best = delta[i, j]
         # single moves into free slots
@@ -178,7 +179,7 @@ def improve_layer_swaps(
             move[idx, devices] = np.inf
             if balanced:
                 dev_load = np.bincount(devices, weights=w, minlength=num_devices)
-                move[dev_load[None, :] + w[:, None] > load_limit + TOL] = np.inf
+                move[dev_load[None, :] + w[:, None] > limit + TOL] = np.inf
             mi, mg = np.unravel_index(int(np.argmin(move)), move.shape)
             move_best = move[mi, mg]
         if min(best, move_best) >= -TOL:
@@ -251,19 +252,46 @@ def chain_start(
     return assign
 
 
-def align_labels(pairs: np.ndarray, assign: np.ndarray, num_devices: int) -> np.ndarray:
-    """Relabel devices of each suffix of layers so consecutive layers agree as much as possible.
+def align_labels(pairs: np.ndarray, assign: np.ndarray, cost: np.ndarray) -> np.ndarray:
+    """Relabel the devices of each suffix of layers so consecutive layers agree as much as possible.
 
-    Only valid for a flat topology (all devices interchangeable); the internal cost of a suffix is unchanged
-    by a relabeling, so each boundary is solved independently by a G x G assignment.
+    A relabeling that keeps the node structure (nodes permuted, devices permuted inside nodes) leaves the
+    suffix's own cost unchanged, so each boundary l-1 -> l is solved on its own: nodes matched by a
+    node-level assignment on the transition mass, then devices inside each matched pair of nodes.
     """
     assign = assign.copy()
+    num_devices = cost.shape[0]
+    node = _node_ids(cost)
+    num_nodes = int(node.max()) + 1
+    members = [np.nonzero(node == n)[0] for n in range(num_nodes)]
     for layer in range(1, assign.shape[0]):
-        flow = device_flows(pairs[layer - 1 : layer], assign[layer - 1 : layer + 1], num_devices)[0]
-        perm = linear_assignment(-flow.T)  # device h at layer -> label perm[h]
+        flow = device_flows(pairs[layer - 1 : layer], assign[layer - 1 : layer + 1], num_devices)[0]  # [G, G]
+        perm = np.arange(num_devices)  # device h at ``layer`` -> label perm[h]
+        if num_nodes > 1:
+            node_flow = group_rows(group_rows(flow, node, num_nodes).T, node, num_nodes)  # [N(to), N(from)]
+            node_perm = linear_assignment(-node_flow)  # node m at ``layer`` -> node node_perm[m]
+        else:
+            node_perm = np.zeros(1, dtype=np.int64)
+        for m in range(num_nodes):
+            src, dst = members[node_perm[m]], members[m]
+            inner = linear_assignment(-flow[np.ix_(src, dst)].T)  # device dst[i] -> src[inner[i]]
+            perm[dst] = src[inner]
         if np.any(perm != np.arange(num_devices)):
             assign[layer:] = perm[assign[layer:]]
     return assign
+
+
+def _node_ids(cost: np.ndarray) -> np.ndarray:
+    """[G] node of each device, read off a topology cost matrix (cheapest off-diagonal cost = same node)."""
+    num_devices = cost.shape[0]
+    if num_devices == 1:
+        return np.zeros(1, dtype=np.int64)
+    off = cost[~np.eye(num_devices, dtype=bool)]
+    if off.max() == off.min():
+        return np.zeros(num_devices, dtype=np.int64)
+    same = (cost <= off.min()) | np.eye(num_devices, dtype=bool)
+    _, ids = np.unique(np.argmax(same, axis=1), return_inverse=True)
+    return ids.astype(np.int64)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -294,7 +322,6 @@ def descend(
     assign = assign.copy()
     num_layers = assign.shape[0]
     layers = list(range(num_layers)) if layers is None else layers
-    flat = not _is_hierarchical(cost)
     current = placement_cost(pairs, assign, cost)
     sweeps = 0
     for sweeps in range(1, max_sweeps + 1):
@@ -307,14 +334,8 @@ def descend(
             assign[layer] = optimise_layer(pairs, assign, cost, capacity, layer, load, load_limit)
             if np.array_equal(old, assign[layer]):
                 continue
-        if flat:
-            assign = align_labels(pairs, assign, cost.shape[0]) if load_limit is None else assign
+        assign = align_labels(pairs, assign, cost)
         current = placement_cost(pairs, assign, cost)
         if current > before - TOL * max(1.0, abs(before)) or time.monotonic() > deadline:
             break
     return assign, current, sweeps
-
-
-def _is_hierarchical(cost: np.ndarray) -> bool:
-    off = cost[~np.eye(cost.shape[0], dtype=bool)]
-    return off.size > 0 and bool(off.max() > off.min())
