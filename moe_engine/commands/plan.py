@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     )
     save_plan(result.plan, args.out)
     rr = round_robin_plan(train.num_layers, num_experts, args.devices, args.nodes)
-    rows = []
+    rows: list[dict] = []
     for label, trace in (("train", train), ("held-out", test)):
         if trace is None or trace.num_tokens == 0:
             continue
