@@ -7,6 +7,7 @@ Sections (each a fresh run of the planner on the same inputs as its baselines):
   layer-by-layer swap search given the same trace (fitted on raw counts, a few seconds); the planner's
   bound gap (LP relaxation of its ILP) and max/mean device load on fitted and held-out tokens; and an
   ablation of the affinity power (1.0 = fit raw counts);
+  replicas   in-domain at 8 devices with 8 or 16 spare slots per layer, with and without copies in them;
   scale      DeepSeek-V3 shape (256 experts, 58 layers, top-8) synthetic trace with planted affinity,
   on 8 / 32 / 64 devices in 1 / 4 / 8 nodes, planned within the time limit, against the planted plan,
   measured on held-out synthetic tokens.
@@ -202,6 +203,45 @@ def section_scale(args, log) -> dict:
     return {"tokens": args.scale_tokens, "runs": runs}
 
 
+def section_replicas(args, log) -> dict:
+    """In-domain at 8 devices: spare slots (E + R slots) with and without replicas in them."""
+    cases = []
+    for name in DOMAINS:
+        (ids, starts), test = split(*load_domain(name))
+        for replicas in (0, 8, 16):
+            for balance in (None, args.balance):
+                cfg = PlannerConfig(num_devices=8, replicas=replicas, balance=balance, time_limit=args.replica_time_limit,
+                                    seed=args.seed)
+                res = plan_placement(ids, cfg, num_experts=NUM_EXPERTS, sequence_starts=starts)
+                with_copies = evaluate_plan(res.plan, test)
+                primaries = evaluate_plan(PlacementPlan(res.plan.experts, 8), test)
+                rr = evaluate_plan(rr_plan(ids.shape[1], 8), test)
+                case = {
+                    "domain": name, "replicas": replicas, "balance": balance,
+                    "copies": int(sum(len(r.devices) - 1 for reps in res.plan.replicas.values() for r in reps.values())),
+                    "share_with_replicas": with_copies.cross_device_share,
+                    "share_primaries_only": primaries.cross_device_share,
+                    "round_robin_share": rr.cross_device_share,
+                    "load_ratio_with_replicas": with_copies.max_load_ratio,
+                    "load_ratio_primaries_only": primaries.max_load_ratio,
+                    "load_ratio_fitted": evaluate_plan(res.plan, ids).max_load_ratio,
+                }
+                cases.append(case)
+                log(f"replicas {name} R={replicas} balance={balance}: share {case['share_with_replicas']:.4f} "
+                    f"(primaries only {case['share_primaries_only']:.4f}, round-robin {case['round_robin_share']:.4f}), "
+                    f"load {case['load_ratio_with_replicas']:.3f} (primaries only {case['load_ratio_primaries_only']:.3f})")
+    summary = {}
+    for replicas in (0, 8, 16):
+        for balance in (None, args.balance):
+            cs = [c for c in cases if c["replicas"] == replicas and c["balance"] == balance]
+            summary[f"R={replicas} balance={'on' if balance is not None else 'off'}"] = {
+                k: float(np.mean([c[k] for c in cs]))
+                for k in ("share_with_replicas", "share_primaries_only", "round_robin_share",
+                          "load_ratio_with_replicas", "load_ratio_primaries_only", "load_ratio_fitted")
+            }
+    return {"cases": cases, "summary": summary}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--time-limit", type=float, default=20.0, help="planner seconds per real-trace case")
@@ -212,7 +252,8 @@ def main() -> int:
     parser.add_argument("--no-ablation", dest="ablation", action="store_false", help="skip the power=1.0 ablation")
     parser.add_argument("--scale-time-limit", type=float, default=100.0, help="planner seconds per scale run")
     parser.add_argument("--scale-tokens", type=int, default=8192, help="tokens in the scale training trace")
-    parser.add_argument("--sections", default="in-domain,lodo,scale", help="comma-separated sections to run")
+    parser.add_argument("--replica-time-limit", type=float, default=10.0, help="planner seconds per replicas case")
+    parser.add_argument("--sections", default="in-domain,lodo,scale,replicas", help="comma-separated sections to run")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "placement_eval.json"))
     args = parser.parse_args()
@@ -225,7 +266,7 @@ def main() -> int:
     if out_path.exists():  # keep sections not rerun
         try:
             old = json.loads(out_path.read_text())
-            results.update({k: v for k, v in old.items() if k in ("in-domain", "lodo", "scale")})
+            results.update({k: v for k, v in old.items() if k in ("in-domain", "lodo", "scale", "replicas")})
         except json.JSONDecodeError:
             pass
 
@@ -238,14 +279,17 @@ def main() -> int:
             results[section] = section_real(section, args, log)
         elif section == "scale":
             results[section] = section_scale(args, log)
+        elif section == "replicas":
+            results[section] = section_replicas(args, log)
         else:
             raise SystemExit(f"unknown section {section!r}")
         results[section]["seconds"] = round(time.monotonic() - t0, 1)
+        results[section]["settings"] = {k: v for k, v in vars(args).items() if k not in ("out", "sections")}
         results["settings"] = {k: v for k, v in vars(args).items() if k != "out"}
         tmp = out_path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(results, indent=1, default=float) + "\n")
         tmp.replace(out_path)
-        if section != "scale":
+        if section in ("in-domain", "lodo", "replicas"):
             for key, row in results[section]["summary"].items():
                 log(f"{section} {key}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items()))
     return 0

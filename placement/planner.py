@@ -202,7 +202,8 @@ def plan_placement(
     replicas: dict = {}
     if config.replicas:
         replicas = add_replicas(best, counts.pairs, counts.load, capacity, topo, balance=config.balance)
-        say(f"replicas: {sum(len(r) for r in replicas.values())} copies placed")
+        copies = sum(len(rep.devices) - 1 for reps in replicas.values() for rep in reps.values())
+        say(f"replicas: {copies} copies placed in {num_layers * config.replicas} spare slots")
 
     flat = Topology(config.num_devices)
     total = max(counts.total_pairs, 1e-12)
@@ -211,7 +212,8 @@ def plan_placement(
     rr_share = placement_cost(counts.pairs, rr, flat.cost_matrix()) / total
     seconds = time.monotonic() - t0
     objective = {
-        "method": "chain starts + block-coordinate local search + ILP" + (" (exact)" if exact else " windows" if windows else ""),
+        "method": "chain starts + block-coordinate local search"
+        + (" + exact ILP" if exact else " + ILP windows" if windows else ""),
         "fitted_cost": best_cost,
         "bound": bound if np.isfinite(bound) else None,
         "gap": gap,

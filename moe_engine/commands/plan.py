@@ -12,9 +12,10 @@ DESCRIPTION = """\
 Place each MoE layer's experts on devices so that tokens cross devices as little as possible between
 consecutive layers, from recorded routing traces (moe-routing-trace/1 .npz files).
 
-The planner chains layers by exact assignments, improves whole layers by local search, refines with an
-integer program (exact for small models, layer windows otherwise), and optionally adds replicas of hot
-experts in spare slots. Progress goes to stderr; the plan is written as moe-placement/1 JSON.
+The planner chains layers by exact assignments, improves whole layers by local search, solves the
+integer program exactly for small models (windows of layers on request with --ilp windows), reports a
+lower bound and the gap to it, and optionally adds replicas of hot experts in spare slots. Progress
+goes to stderr; the plan is written as moe-placement/1 JSON.
 
 Example:
   moe-engine plan --trace law.npz --trace intent.npz --devices 8 --time-limit 60 --out plan.json
