@@ -171,8 +171,25 @@ def save_plan(plan: PlacementPlan, path: str | os.PathLike) -> None:
     """Write the plan as JSON atomically."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(plan.to_json(), indent=1) + "\n")
+    tmp.write_text(plan_json_text(plan))
     os.replace(tmp, path)
+
+
+def plan_json_text(plan: PlacementPlan) -> str:
+    """The plan as JSON text, one line per top-level field, per layer of ``experts`` and per replicated layer."""
+    data = plan.to_json()
+    lines = []
+    for key, value in data.items():
+        if key == "experts":
+            rows = ",\n  ".join(json.dumps(row, separators=(",", ":")) for row in value)
+            text = f"[\n  {rows}\n ]" if value else "[]"
+        elif key == "replicas" and value:
+            rows = ",\n  ".join(f"{json.dumps(k)}: {json.dumps(v, separators=(',', ':'))}" for k, v in value.items())
+            text = f"{{\n  {rows}\n }}"
+        else:
+            text = json.dumps(value, separators=(", ", ": "))
+        lines.append(f" {json.dumps(key)}: {text}")
+    return "{\n" + ",\n".join(lines) + "\n}\n"
 
 
 def load_plan(path: str | os.PathLike) -> PlacementPlan:

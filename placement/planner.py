@@ -174,6 +174,8 @@ def plan_placement(
     search_seconds = (deadline - time.monotonic()) * search_share + (time.monotonic() - t0)
     if exact:  # a small instance: the search only warm-starts the ILP, which gets the rest
         search_seconds = min(search_seconds, 5.0)
+    if num_experts <= 128:  # keep time for the LP bound after the search (about 0.05 s per layer pair)
+        search_seconds -= min(0.1 * config.time_limit, 0.08 * num_layers)
     search_deadline = t0 + search_seconds
     best, best_cost, starts, perturbs = _search(fit, cost, capacity, load, load_limit, rng, search_deadline, say)
     say(f"local search: cost {best_cost:.4g} after {starts} starts and {perturbs} perturbations")
