@@ -200,12 +200,24 @@ def optimise_layer(
     load: np.ndarray | None = None,
     load_limit: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Best devices for one layer with the others fixed: exact without balance, swap search with it."""
+    """Best devices for one layer with the others fixed: exact without balance; with it, load-feasible swaps
+    from the current devices and from the unconstrained optimum (repaired), whichever ends better."""
     lc = layer_cost_matrix(pairs, assign, cost, layer)
     devices = improve_assignment(lc, assign[layer], capacity[layer])
-    if load is not None and load_limit is not None:
-        devices = improve_layer_swaps(lc, devices, capacity[layer], load[layer], float(load_limit[layer]))
-    return devices
+    if load is None or load_limit is None:
+        return devices
+    limit = float(load_limit[layer])
+    idx = np.arange(len(devices))
+
+    def rank(d: np.ndarray) -> tuple[float, float]:
+        excess = _load_excess(np.bincount(d, weights=load[layer], minlength=cost.shape[0]), limit)
+        return (excess, float(lc[idx, d].sum()))
+
+    candidates = [
+        improve_layer_swaps(lc, assign[layer], capacity[layer], load[layer], limit),
+        improve_layer_swaps(lc, devices, capacity[layer], load[layer], limit),
+    ]
+    return min(candidates, key=rank)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -323,6 +335,9 @@ def descend(
     num_layers = assign.shape[0]
     layers = list(range(num_layers)) if layers is None else layers
     current = placement_cost(pairs, assign, cost)
+    best, best_cost = assign.copy(), current
+    balanced = load is not None and load_limit is not None
+    best_excess = _total_excess(assign, load, load_limit, cost.shape[0]) if balanced else 0.0
     sweeps = 0
     for sweeps in range(1, max_sweeps + 1):
         before = current
@@ -330,12 +345,20 @@ def descend(
         for layer in order:
             if time.monotonic() > deadline:
                 break
-            old = assign[layer].copy()
             assign[layer] = optimise_layer(pairs, assign, cost, capacity, layer, load, load_limit)
-            if np.array_equal(old, assign[layer]):
-                continue
         assign = align_labels(pairs, assign, cost)
         current = placement_cost(pairs, assign, cost)
+        excess = _total_excess(assign, load, load_limit, cost.shape[0]) if balanced else 0.0
+        if (excess, current) < (best_excess - TOL, best_cost) or (abs(excess - best_excess) <= TOL and current < best_cost):
+            best, best_cost, best_excess = assign.copy(), current, excess
         if current > before - TOL * max(1.0, abs(before)) or time.monotonic() > deadline:
             break
-    return assign, current, sweeps
+    return best, best_cost, sweeps
+
+
+def _total_excess(assign, load, load_limit, num_devices) -> float:
+    """Load above the per-layer limits, summed over layers and devices (0 when balanced)."""
+    return sum(
+        _load_excess(np.bincount(assign[layer], weights=load[layer], minlength=num_devices), float(load_limit[layer]))
+        for layer in range(assign.shape[0])
+    )
