@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from placement.search import placement_cost
+from placement.search import one_hot, placement_cost
 from placement.topology import Topology
 
 SOLVERS = ("auto", "highs", "cbc")
@@ -135,11 +135,11 @@ def solve_ilp(
         if is_free[layer] != is_free[nxt]:
             # one end fixed: cost of the free end on each device is linear in x
             if is_free[layer]:
-                mass = w @ _one_hot(start_arr[nxt], num_devices)  # [E, G] mass to device h
+                mass = w @ one_hot(start_arr[nxt], num_devices)  # [E, G] mass to device h
                 lin = mass @ cost.T
                 fl = layer
             else:
-                mass = w.T @ _one_hot(start_arr[layer], num_devices)
+                mass = w.T @ one_hot(start_arr[layer], num_devices)
                 lin = mass @ cost
                 fl = nxt
             objective += [float(lin[e, g]) * x[fl, e, g] for e in range(num_experts) for g in range(num_devices) if lin[e, g]]
@@ -273,12 +273,6 @@ def _partner_cuts(prob, variables: dict, tag: str, row_cap: int, col_cap: int) -
     for b, vs in cols.items():
         if len(vs) > col_cap:
             prob += pulp.lpSum(vs) <= col_cap, f"{tag}_c{b}"
-
-
-def _one_hot(devices: np.ndarray, num_devices: int) -> np.ndarray:
-    out = np.zeros((len(devices), num_devices))
-    out[np.arange(len(devices)), devices] = 1.0
-    return out
 
 
 def _feasible(assign, capacity, load, load_limit) -> bool:

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from placement.affinity import validate_expert_ids
+from placement.search import round_robin
 from placement.topology import Topology
 
 FORMAT = "moe-placement/1"
@@ -285,5 +286,5 @@ def evaluate_plan(plan: PlacementPlan, expert_ids: np.ndarray, topology: Topolog
 
 def round_robin_plan(num_layers: int, num_experts: int, num_devices: int, num_nodes: int = 1) -> PlacementPlan:
     """The baseline: expert e on device e % G at every layer."""
-    experts = np.tile(np.arange(num_experts) % num_devices, (num_layers, 1))
+    experts = round_robin(num_layers, num_experts, num_devices)
     return PlacementPlan(experts=experts, num_devices=num_devices, num_nodes=num_nodes, objective={"method": "round-robin"})

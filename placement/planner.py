@@ -34,7 +34,7 @@ from placement.affinity import Affinity, compute_affinity, select_rows, validate
 from placement.ilp import available_solver, solve_ilp
 from placement.plan import PlacementPlan
 from placement.replication import add_replicas
-from placement.search import chain_start, descend, placement_cost
+from placement.search import chain_start, descend, placement_cost, round_robin
 from placement.topology import Topology
 
 # Candidate affinity powers for validation (affinity_power=None) and the share of time it may use.
@@ -210,7 +210,7 @@ def plan_placement(
     flat = Topology(config.num_devices)
     total = max(counts.total_pairs, 1e-12)
     train_share = placement_cost(counts.pairs, best, flat.cost_matrix()) / total
-    rr = np.tile(np.arange(num_experts) % config.num_devices, (num_layers, 1))
+    rr = round_robin(num_layers, num_experts, config.num_devices)
     rr_share = placement_cost(counts.pairs, rr, flat.cost_matrix()) / total
     seconds = time.monotonic() - t0
     objective = {

@@ -77,7 +77,7 @@ def add_replicas(
             e, g = int(e_pick), int(g_pick)
             copies[e].append(g)
             spare[g] -= 1
-            dev_load = _serve(copies, served, load[layer], assign[layer], cost, num_devices)[1]
+            dev_load = _serve(copies, served, load[layer], assign[layer], cost, num_devices)
         reps = {}
         for e, devs in copies.items():
             if len(devs) > 1:
@@ -108,4 +108,4 @@ def _serve(copies, tokens_from, load, primary, cost, num_devices):
         dev_load[devs[0]] -= load[e]
         route = _routes(devs, cost, dev_load)
         np.add.at(dev_load, route, tokens_from[e])
-    return copies, dev_load
+    return dev_load

@@ -105,11 +105,6 @@ def round_robin(num_layers: int, num_experts: int, num_devices: int) -> np.ndarr
     return np.tile(np.arange(num_experts) % num_devices, (num_layers, 1))
 
 
-def contiguous(num_layers: int, num_experts: int, capacity: np.ndarray) -> np.ndarray:
-    """[L, E] experts filled into devices in order, capacity[l, g] at a time (the planted default)."""
-    return np.stack([np.repeat(np.arange(capacity.shape[1]), capacity[layer])[:num_experts] for layer in range(num_layers)])
-
-
 # ----------------------------------------------------------------------------------------------------
 # Per-layer moves
 

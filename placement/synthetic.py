@@ -82,7 +82,6 @@ def _first_distinct(cand: np.ndarray, k: int, num_experts: int, rng: np.random.G
     """[T, k]: the first k distinct values of each row (topped up at random if a row has fewer)."""
     num_tokens, width = cand.shape
     out = np.empty((num_tokens, k), dtype=np.int64)
-    srt = np.sort(cand, axis=1)
     # rank of the first occurrence of each value in row order
     first = np.ones_like(cand, dtype=bool)
     order = np.argsort(cand, axis=1, kind="stable")
@@ -90,7 +89,6 @@ def _first_distinct(cand: np.ndarray, k: int, num_experts: int, rng: np.random.G
     dup = np.zeros_like(first)
     dup[:, 1:] = sorted_vals[:, 1:] == sorted_vals[:, :-1]
     np.put_along_axis(first, order, ~dup, axis=1)
-    del srt
     for t in range(num_tokens):
         vals = cand[t, first[t]][:k]
         if len(vals) < k:
