@@ -197,6 +197,7 @@ class RunResult:
     peak_memory_bytes: int | None = None  # the figure compared: cgroup peak when measured, else peak RSS
     engine_stats: dict | None = None
     engine_decode_stats: dict | None = None  # engine counters over the decode steps alone (after token 1)
+    decode_threads: dict | None = None  # CPU / run-queue-wait seconds of the threads over the decode steps
     tokens: list[int] = field(default_factory=list)
     token_times_s: list[float] = field(default_factory=list)  # since generate() was called
 
@@ -391,15 +392,42 @@ def _scalar_stats(stats) -> dict:
 
 
 _DECODE_COUNTERS = ("hits", "misses", "prefetch_hits", "prefetches", "wasted_prefetches", "mispredictions",
-                    "bytes_moved", "prefetch_bytes", "stall_seconds")
+                    "bytes_moved", "prefetch_bytes", "stall_seconds", "predict_seconds")
 
 
 def _decode_delta(first: dict, last: dict) -> dict:
     """Engine counters over the decode steps alone: totals at the end minus totals at the first token."""
-    out = {k: last[k] - first[k] for k in _DECODE_COUNTERS if k in last and k in first}
+    out = {k: last[k] - first[k] for k in _DECODE_COUNTERS
+           if isinstance(last.get(k), int | float) and isinstance(first.get(k), int | float)}
     n = out.get("hits", 0) + out.get("misses", 0)
     out["hit_rate"] = out["hits"] / n if n else None
     out["prefetch_accuracy"] = out["prefetch_hits"] / out["prefetches"] if out.get("prefetches") else None
+    return out
+
+
+def _thread_sched() -> dict[int, tuple[int, int]]:
+    """Per thread of this process: (ns on a CPU, ns waiting on a run queue), from ``schedstat``."""
+    out = {}
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            cpu, wait, _ = (task / "schedstat").read_text().split()
+            out[int(task.name)] = (int(cpu), int(wait))
+        except (OSError, ValueError):
+            pass
+    return out
+
+
+def _sched_delta(first: dict[int, tuple[int, int]], last: dict[int, tuple[int, int]]) -> dict:
+    """CPU and run-queue-wait seconds between two snapshots: the main (compute) thread, the others
+    (I/O threads of the engine's mover, library threads) summed."""
+    main = os.getpid()
+    out = {"main_cpu_s": 0.0, "main_runqueue_wait_s": 0.0, "other_threads_cpu_s": 0.0,
+           "other_threads_runqueue_wait_s": 0.0}
+    for tid, (cpu, wait) in last.items():
+        cpu0, wait0 = first.get(tid, (0, 0))
+        prefix = "main" if tid == main else "other_threads"
+        out[f"{prefix}_cpu_s"] += (cpu - cpu0) / 1e9
+        out[f"{prefix}_runqueue_wait_s"] += (wait - wait0) / 1e9
     return out
 
 
@@ -486,10 +514,13 @@ def _measure(spec: dict, emit) -> None:
           "cgroup_peak_load": cgroup.read_and_reset()})
     engine = getattr(model, "engine", None)
     at_first: dict = {}
+    sched_first: dict = {}
 
     def snapshot() -> None:
+        sched_first.update(_thread_sched())
         if engine is not None:
             at_first.update(_scalar_stats(engine.stats()))
+            at_first["predict_seconds"] = getattr(engine, "predict_seconds", None)
 
     input_ids = torch.tensor([spec["prompt_ids"]], dtype=torch.long)
     n = spec["decode_tokens"]
@@ -503,11 +534,15 @@ def _measure(spec: dict, emit) -> None:
     status = _proc_status()
     done = {"event": "done", "disk_read_generate": io3["read_bytes"] - io2["read_bytes"],
             "peak_rss_generate": status["VmHWM"] if reset else None,
-            "peak_rss": max(peak_load, status["VmHWM"]), "cgroup_peak_generate": cgroup.read()}
+            "peak_rss": max(peak_load, status["VmHWM"]), "cgroup_peak_generate": cgroup.read(),
+            "decode_threads": _sched_delta(sched_first, _thread_sched()) if sched_first else None}
     if engine is not None:
         stats = _scalar_stats(engine.stats())
         done["engine_stats"] = stats
         done["engine_bytes_moved"] = stats.get("bytes_moved")
+        predict = getattr(engine, "predict_seconds", None)
+        if isinstance(predict, float):
+            stats["predict_seconds"] = predict
         if at_first:
             done["engine_decode_stats"] = _decode_delta(at_first, stats)
     emit(done)
@@ -554,6 +589,7 @@ def _fold(result: RunResult, events: list[dict], prompt_len: int) -> None:
             result.engine_stats = ev.get("engine_stats")
             result.engine_bytes_moved = ev.get("engine_bytes_moved")
             result.engine_decode_stats = ev.get("engine_decode_stats")
+            result.decode_threads = ev.get("decode_threads")
             result.cgroup_peak_generate_bytes = ev.get("cgroup_peak_generate")
         elif kind == "error":
             result.error = ev["error"]
@@ -792,7 +828,12 @@ def _decode_profile(r: RunResult) -> dict | None:
         return None
     steps = r.new_tokens - 1
     stall = d["stall_seconds"]
+    th = r.decode_threads or {}
+    per_tok = {f"{k}_per_token": v / steps for k, v in th.items()}
+    if d.get("predict_seconds") is not None:
+        per_tok["predict_s_per_token"] = d["predict_seconds"] / steps
     return {
+        **per_tok,
         "decode_steps": steps,
         "decode_s_per_token": r.decode_s / steps,
         "stall_s_per_token": stall / steps,
@@ -937,17 +978,22 @@ def format_table(report: dict) -> str:
     if profiles:
         lines.append("")
         lines.append(f"{'decode profile':<22}{'s/tok':>7}{'stall':>7}{'other':>7}{'stall%':>7}{'MiB/tok':>8}"
-                     f"{'pref MiB':>9}{'miss/tok':>9}{'hits':>6}{'pref acc':>9}{'GB/s':>6}")
+                     f"{'pref MiB':>9}{'miss/tok':>9}{'hits':>6}{'pref acc':>9}{'GB/s':>6}{'predict':>8}"
+                     f"{'main cpu':>9}{'main rq':>8}{'io cpu':>7}")
         for label, p in profiles:
             lines.append(
                 f"{label:<22}{p['decode_s_per_token']:>7.3f}{p['stall_s_per_token']:>7.3f}"
                 f"{p['compute_s_per_token']:>7.3f}{100 * p['stall_share']:>6.0f}%"
                 f"{p['bytes_moved_per_token'] / mib:>8.1f}{p['prefetch_bytes_per_token'] / mib:>9.1f}"
                 f"{p['misses_per_token']:>9.1f}{_fmt(p['hit_rate']):>6}{_fmt(p['prefetch_accuracy']):>9}"
-                f"{p['read_gbytes_per_s']:>6.2f}")
-        lines.append("decode profile (decode steps only): s/tok = stall (waiting on expert reads) + other "
-                     "(compute, routing, prediction); MiB/tok moved, of which prefetched; pref acc: share of "
-                     "prefetched experts then used")
+                f"{p['read_gbytes_per_s']:>6.2f}{_fmt(p.get('predict_s_per_token'), digits=3):>8}"
+                f"{_fmt(p.get('main_cpu_s_per_token'), digits=3):>9}"
+                f"{_fmt(p.get('main_runqueue_wait_s_per_token'), digits=3):>8}"
+                f"{_fmt(p.get('other_threads_cpu_s_per_token'), digits=3):>7}")
+        lines.append("decode profile (decode steps only, seconds per token): s/tok = stall (waiting on expert "
+                     "reads) + other (compute, routing, prediction); MiB/tok moved, of which prefetched; pref "
+                     "acc: share of prefetched experts then used; predict: predictor time; main cpu / main rq: "
+                     "compute thread on a CPU / waiting for one; io cpu: CPU of the other threads (reads)")
     m = report["model"]
     lines.append("")
     lines.append(f"model {m['name']}: experts {m['expert_bytes'] / gib:.2f} GiB ({m['expert_dtype']}), "
@@ -1008,7 +1054,7 @@ def plot(report: dict, png_path: str | os.PathLike) -> Path:
                    if r.get("memory_cap_enforced") and r.get("memory_cap_bytes")})
     if caps:
         ax_mem.plot([c[0] for c in caps], [c[1] / 2**20 for c in caps], color="k", linestyle="--", linewidth=1,
-                    label="kernel memory cap")
+                    marker="_", markersize=18, label="kernel memory cap")
     mem_title = "peak memory: cgroup charge, RSS + page cache" if capped else "peak RSS"
     for ax, title, ylabel in ((ax_speed, "decode speed (higher is better)", "tokens / s"),
                               (ax_mem, f"{mem_title} (lower is better)", "MiB")):
@@ -1018,7 +1064,7 @@ def plot(report: dict, png_path: str | os.PathLike) -> Path:
         ax.set_xticks(sorted(budgets), [f"{b:g}" for b in sorted(budgets)])
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7, ncol=1 if ax is ax_speed else 2)
     m = report["model"]
     fig.suptitle(f"{m['name']}: {m['expert_bytes'] / 2**30:.2f} GiB of experts, batch 1, "
                  f"{report['settings']['decode_tokens']} decoded tokens, cold page cache, "
