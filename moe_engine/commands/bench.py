@@ -10,7 +10,7 @@ NAME = "bench"
 HELP = "benchmark the engine at several budgets against accelerate offloading and load-on-demand"
 DESCRIPTION = """\
 Measure decode and prefill speed, peak memory and bytes read from disk for the engine at several
-expert budgets and for two baselines, in one run on the same prompt (batch 1, a fixed prompt of token
+expert budgets and for the baselines, in one run on the same prompt (batch 1, a fixed prompt of token
 ids, greedy decoding). Each system runs in its own subprocess, with the model's files dropped from the
 OS page cache first, so every run starts cold and reads its experts from disk.
 
