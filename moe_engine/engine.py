@@ -63,7 +63,6 @@ class Engine:
         self.predictor = predictor
         self.device = device
         self._history: list[torch.Tensor] = []
-        self.predict_seconds = 0.0
 
     # ------------------------------------------------------------------ stats
     @property
@@ -73,6 +72,11 @@ class Engine:
     @property
     def num_layers(self) -> int:
         return len(self.layers)
+
+    @property
+    def predict_seconds(self) -> float:
+        """Seconds spent predicting and issuing prefetches since the last reset."""
+        return self.cache.stats.predict_seconds
 
     def stats(self) -> EngineStats:
         """A snapshot (copy) of the counters."""
@@ -130,7 +134,7 @@ class Engine:
                 chosen = rank.argsort(descending=True)[: int((votes > 0).sum())].tolist()
             ranked.extend((target, int(e)) for e in chosen)
         self.cache.prefetch(ranked, {(layer, e) for e in experts})
-        self.predict_seconds += time.perf_counter() - t0
+        self.cache.stats.predict_seconds += time.perf_counter() - t0
 
     # ------------------------------------------------------------------ compute
     def experts_forward(

@@ -42,6 +42,7 @@ class EngineStats:
     bytes_moved: int = 0
     prefetch_bytes: int = 0
     stall_seconds: float = 0.0
+    predict_seconds: float = 0.0
     budget_bytes: int = 0
     expert_bytes: int = 0
     num_slots: int = 0
