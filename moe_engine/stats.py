@@ -13,25 +13,7 @@ from dataclasses import dataclass, field
 
 @dataclass
 class LayerStats:
-    hits: int = 0
-    misses: int = 0
-    prefetch_hits: int = 0
-    prefetches: int = 0
-    wasted_prefetches: int = 0
-    mispredictions: int = 0
-    bytes_moved: int = 0
-    prefetch_bytes: int = 0
-    stall_seconds: float = 0.0
-
-    @property
-    def hit_rate(self) -> float:
-        n = self.hits + self.misses
-        return self.hits / n if n else 0.0
-
-
-@dataclass
-class EngineStats:
-    """Totals over all MoE layers plus ``per_layer`` (index = MoE layer) and the budget facts."""
+    """Counters of one MoE layer (``EngineStats`` holds the same counters summed over layers)."""
 
     hits: int = 0
     misses: int = 0
@@ -42,13 +24,6 @@ class EngineStats:
     bytes_moved: int = 0
     prefetch_bytes: int = 0
     stall_seconds: float = 0.0
-    predict_seconds: float = 0.0
-    budget_bytes: int = 0
-    expert_bytes: int = 0
-    num_slots: int = 0
-    resident_bytes: int = 0
-    peak_resident_bytes: int = 0
-    per_layer: list[LayerStats] = field(default_factory=list)
 
     @property
     def hit_rate(self) -> float:
@@ -59,6 +34,19 @@ class EngineStats:
     def prefetch_accuracy(self) -> float:
         """Share of prefetched experts that a layer then used."""
         return self.prefetch_hits / self.prefetches if self.prefetches else 0.0
+
+
+@dataclass
+class EngineStats(LayerStats):
+    """Totals over all MoE layers plus ``per_layer`` (index = MoE layer) and the budget facts."""
+
+    predict_seconds: float = 0.0
+    budget_bytes: int = 0
+    expert_bytes: int = 0
+    num_slots: int = 0
+    resident_bytes: int = 0
+    peak_resident_bytes: int = 0
+    per_layer: list[LayerStats] = field(default_factory=list)
 
     def summary(self) -> str:
         gib = 2**30
