@@ -5,12 +5,12 @@ from __future__ import annotations
 import shutil
 
 import pytest
+import tiny_models
 import torch
 from transformers import AutoConfig
 
 import moe_engine
 from moe_engine.store import CheckpointError
-from tests import tiny_models
 
 
 def _load(path, **kw):
