@@ -26,6 +26,8 @@ from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 
+import numpy as np
+
 ExpertKey = tuple[int, int]
 
 _REGISTRY: dict[str, type[EvictionPolicy]] = {}
@@ -141,3 +143,388 @@ class LFUPolicy(EvictionPolicy):
 
     def victim(self, candidates: Sequence[ExpertKey]) -> ExpertKey:
         return min(candidates, key=lambda k: (self._count.get(k, 0), self._last.get(k, 0)))
+
+
+@register_policy("arc")
+class ARCPolicy(EvictionPolicy):
+    """Adaptive Replacement Cache (Megiddo & Modha, 2003), as Fate uses it for expert caches.
+
+    Resident keys sit in T1 (seen once recently) or T2 (seen at least twice); ghost lists B1 / B2 remember
+    keys recently evicted from each. A demand miss on a B1 ghost grows the target size ``p`` of T1, one on
+    a B2 ghost shrinks it; the victim is T1's least recent key while T1 is above ``p``, else T2's. A
+    prefetched key enters T1 and its first demand use keeps it there (a prefetch is not a reference).
+    With a restricted candidate set, the first candidate in that order is taken.
+    """
+
+    def __init__(self, **kw) -> None:
+        super().__init__(**kw)
+        self.p = 0.0
+        self.t1: OrderedDict[ExpertKey, None] = OrderedDict()
+        self.t2: OrderedDict[ExpertKey, None] = OrderedDict()
+        self.b1: OrderedDict[ExpertKey, None] = OrderedDict()
+        self.b2: OrderedDict[ExpertKey, None] = OrderedDict()
+        self._unreferenced: set[ExpertKey] = set()  # prefetched, not used yet
+
+    def insert(self, key: ExpertKey, prefetch: bool) -> None:
+        c = self.capacity
+        if prefetch:
+            self.b1.pop(key, None)
+            self.b2.pop(key, None)
+            self.t1[key] = None
+            self._unreferenced.add(key)
+        elif key in self.b1:
+            self.p = min(float(c), self.p + max(len(self.b2) / len(self.b1), 1.0))
+            del self.b1[key]
+            self.t2[key] = None
+        elif key in self.b2:
+            self.p = max(0.0, self.p - max(len(self.b1) / len(self.b2), 1.0))
+            del self.b2[key]
+            self.t2[key] = None
+        else:
+            self.t1[key] = None
+        self._trim_ghosts()
+
+    def access(self, key: ExpertKey, hit: bool) -> None:
+        if not hit:
+            return
+        if key in self._unreferenced:
+            self._unreferenced.discard(key)
+            if key in self.t1:
+                self.t1.move_to_end(key)
+            return
+        if key in self.t1:
+            del self.t1[key]
+            self.t2[key] = None
+        elif key in self.t2:
+            self.t2.move_to_end(key)
+
+    def evict(self, key: ExpertKey) -> None:
+        self._unreferenced.discard(key)
+        if key in self.t1:
+            del self.t1[key]
+            self.b1[key] = None
+        elif key in self.t2:
+            del self.t2[key]
+            self.b2[key] = None
+        self._trim_ghosts()
+
+    def _trim_ghosts(self) -> None:
+        c = self.capacity
+        while self.b1 and len(self.t1) + len(self.b1) > c:
+            self.b1.popitem(last=False)
+        while len(self.t1) + len(self.t2) + len(self.b1) + len(self.b2) > 2 * c and (self.b2 or self.b1):
+            (self.b2 or self.b1).popitem(last=False)
+
+    def victim(self, candidates: Sequence[ExpertKey]) -> ExpertKey:
+        allowed = set(candidates)
+        first, second = (self.t1, self.t2) if (self.t1 and len(self.t1) > self.p) or not self.t2 else (self.t2, self.t1)
+        for order in (first, second):
+            for key in order:  # least recent first
+                if key in allowed:
+                    return key
+        return candidates[0]
+
+
+@register_policy("fate")
+class ShallowFavoringPolicy(EvictionPolicy):
+    """Fate's shallow-favoring allocation: shallow MoE layers get a larger share of the slots.
+
+    The cross-layer gate predicts shallow layers worst (their gate inputs change most from one layer to
+    the next), so prefetch covers them least; Fate answers by caching more of their experts. Layer ``l``
+    gets the quota ``capacity * w_l / sum(w)`` with ``w_l = shallow_boost`` for the first
+    ``shallow_layers`` layers (default: a quarter of them) and 1 for the others. The victim comes from
+    the layer furthest above its quota (among the candidates' layers), least recently used first, as in
+    Fate's per-layer ARC lists reduced to recency.
+    """
+
+    def __init__(self, shallow_layers: int | None = None, shallow_boost: float = 2.0, **kw) -> None:
+        super().__init__(**kw)
+        n = max(1, self.num_layers // 4) if shallow_layers is None else shallow_layers
+        if not 0 <= n <= self.num_layers or shallow_boost <= 0:
+            raise ValueError("fate: shallow_layers must be in [0, num_layers] and shallow_boost > 0")
+        w = [shallow_boost if layer < n else 1.0 for layer in range(self.num_layers)]
+        self.quota = [self.capacity * x / sum(w) for x in w]
+        self._order: list[OrderedDict[ExpertKey, None]] = [OrderedDict() for _ in range(self.num_layers)]
+
+    def insert(self, key: ExpertKey, prefetch: bool) -> None:
+        self._order[key[0]][key] = None
+        self._order[key[0]].move_to_end(key)
+
+    def access(self, key: ExpertKey, hit: bool) -> None:
+        self.insert(key, False)
+
+    def evict(self, key: ExpertKey) -> None:
+        self._order[key[0]].pop(key, None)
+
+    def victim(self, candidates: Sequence[ExpertKey]) -> ExpertKey:
+        allowed = set(candidates)
+        layers = sorted({k[0] for k in candidates}, key=lambda layer: len(self._order[layer]) - self.quota[layer], reverse=True)
+        for layer in layers:
+            for key in self._order[layer]:
+                if key in allowed:
+                    return key
+        return candidates[0]
+
+
+_MATCHES = 3  # remembered passes matched against the running one
+_HORIZON = 8  # successors of a matched pass read as predictions of the next passes
+
+#: Features of the predictive policy's reuse model, in weight order (see ``ReuseFeatures``).
+REUSE_FEATURES: tuple[str, ...] = (
+    "bias",
+    "log_age",  # log of passes between the key's last use and its next opportunity (capped)
+    "freq_fast",  # uses, decayed by 0.7 per pass
+    "freq_slow",  # uses, decayed by 0.97 per pass
+    "log_rate",  # log of the slow use rate per pass (freq_slow * 0.03, clipped to [1e-3, 1])
+    "upcoming",  # 1 if the key's layer is still to come in the running pass
+    "depth",  # layer / (L - 1)
+    "score",  # predictor probability for the key in the running pass (observe_scores), else 0
+    *(
+        f"match{m}_{kind}"
+        for m in range(1, _MATCHES + 1)
+        for kind in ("now", "share", "soon")  # similarity x (used there / share of successors using it / 1 / (1 + first))
+    ),
+)
+
+#: Reuse-model weights from ``fit_reuse_weights`` on the four shared DeepSeek-V2-Lite traces
+#: (../shared/traces, all four domains, with distance-1 scores of transition_ho fitted on them);
+#: benchmarks refit them on their training traces only.
+DEFAULT_REUSE_WEIGHTS: tuple[float, ...] = (
+    4.8850, 0.0871, 0.0159, 0.0075, -0.2851, -0.1388,
+    0.3392, -1.0502, -0.4668, -0.4457, -1.4256, -0.1782,
+    -0.4049, -1.0404, -0.1034, -0.3572, -0.8874,
+)
+
+_NEVER = -(10**9)
+
+
+class ReuseFeatures:
+    """Online features that predict how far away each key's next use is, from the access stream alone.
+
+    A *pass* is one walk through the MoE layers (a decode token, or a prefill batch); it ends when a layer
+    starts that is not deeper than the previous one. The model remembers the last ``memory`` passes as
+    multi-hot ``[L, E]`` paths, and while a pass runs it tracks how much each remembered path overlaps the
+    running one on the layers seen so far. Text repeats (a word, a name, a prompt template), and so do
+    expert paths: the best-matching remembered passes predict the running pass's later layers, and their
+    successors predict the next passes. Decayed use counts and the age of the last use add frequency
+    and recency; predictor scores (``observe_scores``) add the running pass's next layers.
+    """
+
+    FAST, SLOW = 0.7, 0.97
+    MAX_AGE = 4096
+
+    def __init__(self, num_layers: int, num_experts: int, memory: int = 1024) -> None:
+        L, E = num_layers, num_experts
+        self.L, self.E, self.W = L, E, max(2, memory)
+        self.token = 0
+        self.layer = -1
+        self.last_use = np.full(L * E, _NEVER, dtype=np.int64)
+        self.f_fast = np.zeros(L * E)
+        self.f_slow = np.zeros(L * E)
+        self.cur = np.zeros((L, E), dtype=bool)
+        self.mem = np.zeros((self.W, L, E), dtype=bool)
+        self.mem_token = np.full(self.W, _NEVER, dtype=np.int64)  # pass number held by each ring slot
+        self.overlap = np.zeros(self.W, dtype=np.float64)
+        self.scores = np.zeros(L * E)  # predictor probabilities for the running pass
+        self._scored = False
+
+    def layer_start(self, layer: int) -> None:
+        if layer <= self.layer:
+            self._end_pass()
+        self.layer = layer
+
+    def _end_pass(self) -> None:
+        slot = self.token % self.W
+        self.mem[slot] = self.cur
+        self.mem_token[slot] = self.token
+        self.cur[:] = False
+        self.overlap[:] = 0.0
+        self.f_fast *= self.FAST
+        self.f_slow *= self.SLOW
+        if self._scored:
+            self.scores[:] = 0.0
+            self._scored = False
+        self.token += 1
+
+    def use(self, layer: int, expert: int) -> None:
+        if self.cur[layer, expert]:
+            return
+        self.cur[layer, expert] = True
+        i = layer * self.E + expert
+        self.last_use[i] = self.token
+        self.f_fast[i] += 1.0
+        self.f_slow[i] += 1.0
+        self.overlap += self.mem[:, layer, expert]
+
+    def observe(self, scores: Mapping[ExpertKey, float]) -> None:
+        for (layer, e), v in scores.items():
+            self.scores[layer * self.E + e] = v
+        self._scored = True
+
+    def _matches(self) -> list[tuple[float, int]]:
+        """Up to ``_MATCHES`` (similarity, ring slot) of the best remembered passes."""
+        seen = int(self.cur[: self.layer + 1].sum()) if self.layer >= 0 else 0
+        if seen == 0:
+            return []
+        valid = self.mem_token >= 0
+        # Later passes win ties: the recency term stays far below one shared expert.
+        score = np.where(valid, self.overlap + 1e-6 * (self.mem_token - self.token), -1.0)
+        best = np.argpartition(-score, _MATCHES)[:_MATCHES] if len(score) > _MATCHES else np.arange(len(score))
+        best = best[np.argsort(-score[best])]
+        return [(float(self.overlap[b]) / seen, int(b)) for b in best.tolist() if score[b] > 0]
+
+    def features(self, idx: np.ndarray) -> np.ndarray:
+        """``[len(idx), len(REUSE_FEATURES)]`` for the keys with flat indices ``layer * E + expert``."""
+        L, E, W = self.L, self.E, self.W
+        layer = idx // E
+        expert = idx % E
+        upcoming = layer > self.layer
+        next_token = self.token + (~upcoming).astype(np.int64)
+        age = np.minimum(next_token - self.last_use[idx], self.MAX_AGE)
+        x = np.zeros((len(idx), len(REUSE_FEATURES)))
+        x[:, 0] = 1.0
+        x[:, 1] = np.log(age)
+        x[:, 2] = self.f_fast[idx]
+        x[:, 3] = self.f_slow[idx]
+        x[:, 4] = np.log(np.clip(self.f_slow[idx] * (1 - self.SLOW), 1e-3, 1.0))
+        x[:, 5] = upcoming
+        x[:, 6] = layer / max(L - 1, 1)
+        if self._scored:
+            x[:, 7] = np.where(upcoming, self.scores[idx], 0.0)
+        for m, (sim, slot) in enumerate(self._matches()):
+            col = 8 + 3 * m
+            now = self.mem[slot, layer, expert] & upcoming
+            # Successors h = 1.. of the matched pass that are remembered and already over.
+            succ_tokens = self.mem_token[slot] + np.arange(1, _HORIZON + 1)
+            ok = (succ_tokens < self.token) & (self.mem_token[succ_tokens % W] == succ_tokens)
+            n_ok = int(ok.cumprod().sum())
+            if n_ok:
+                used = self.mem[(succ_tokens[:n_ok] % W)[:, None], layer[None, :], expert[None, :]]  # [h, n]
+                # Successor h stands for pass token + h when the key's layer is still to come, else + h - 1.
+                first = np.where(used.any(0), used.argmax(0) + 1 - (~upcoming), _HORIZON + 1)
+                first = np.where(now, 0, first)
+                x[:, col + 1] = sim * used.mean(0)
+            else:
+                first = np.where(now, 0, _HORIZON + 1)
+            x[:, col] = sim * now
+            x[:, col + 2] = sim * np.where(first <= _HORIZON, 1.0 / (1.0 + first), 0.0)
+        return x
+
+
+@register_policy("predictive")
+class PredictivePolicy(EvictionPolicy):
+    """Prediction-aware eviction: evict the candidate whose next use is predicted farthest (online Belady).
+
+    A linear model over ``ReuseFeatures`` (path matches against remembered passes and their successors,
+    decayed frequency, age of the last use, predictor scores from ``observe_scores``) predicts the log of
+    the number of layer steps until each key is next used; the victim is the candidate with the largest
+    prediction. ``weights``: one per ``REUSE_FEATURES`` entry, from ``fit_reuse_weights`` (default:
+    ``DEFAULT_REUSE_WEIGHTS``); ``memory``: how many passes the path memory keeps.
+    """
+
+    def __init__(self, weights: Sequence[float] | None = None, memory: int = 1024, **kw) -> None:
+        super().__init__(**kw)
+        w = DEFAULT_REUSE_WEIGHTS if weights is None else tuple(float(x) for x in weights)
+        if len(w) != len(REUSE_FEATURES):
+            raise ValueError(f"predictive: weights needs {len(REUSE_FEATURES)} values ({', '.join(REUSE_FEATURES)})")
+        self.weights = np.asarray(w)
+        self.reuse = ReuseFeatures(self.num_layers, self.num_experts, memory)
+        self._ranked: list[ExpertKey] | None = None  # this step's candidates, best victim last
+
+    def layer_start(self, layer: int) -> None:
+        self.reuse.layer_start(layer)
+        self._ranked = None
+
+    def access(self, key: ExpertKey, hit: bool) -> None:
+        # Uses inside the running layer do not re-rank this step's candidates: they move the candidates'
+        # features only through match similarities, and re-ranking per miss costs more than it buys.
+        self.reuse.use(*key)
+
+    def observe_scores(self, scores: Mapping[ExpertKey, float]) -> None:
+        self.reuse.observe(scores)
+        self._ranked = None
+
+    def predicted_log_distance(self, keys: Sequence[ExpertKey]) -> np.ndarray:
+        """Predicted log of the layer steps until each key's next use."""
+        E = self.num_experts
+        idx = np.fromiter((k[0] * E + k[1] for k in keys), dtype=np.int64, count=len(keys))
+        return self.reuse.features(idx) @ self.weights
+
+    def victim(self, candidates: Sequence[ExpertKey]) -> ExpertKey:
+        # Several victims are usually asked for in one layer step, from nearly the same candidates: rank
+        # them once per step and hand out the best one still offered.
+        if self._ranked is not None:
+            while self._ranked:
+                key = self._ranked.pop()
+                if key in candidates:
+                    return key
+        order = np.argsort(self.predicted_log_distance(candidates), kind="stable")  # the best victim last
+        self._ranked = [candidates[i] for i in order.tolist()]
+        return self._ranked.pop()
+
+
+def fit_reuse_weights(
+    traces: Sequence[np.ndarray],
+    num_experts: int,
+    scores: Sequence[Sequence[np.ndarray]] | None = None,
+    memory: int = 1024,
+    sample_every: int = 13,
+    keys_per_sample: int = 256,
+    seed: int = 0,
+) -> tuple[float, ...]:
+    """Fit ``PredictivePolicy`` weights: least squares on the log of the next-use distance.
+
+    ``traces``: expert ids ``[T, L, K]`` per trace, replayed one after another in decode order as one
+    stream. ``scores`` (optional): per trace, predictor probabilities ``[T, L - d, E]`` for d = 1, 2, ...
+    as the simulator passes them to ``observe_scores``. Every ``sample_every``-th layer step,
+    ``keys_per_sample`` random keys give a sample: their features, and the log of the layer steps until
+    their next use (capped at ``MAX_AGE`` passes). Features depend only on the access stream, not on what
+    a cache holds, so no cache is simulated. Returns weights in ``REUSE_FEATURES`` order.
+    """
+    rng = np.random.default_rng(seed)
+    ids = np.concatenate([np.asarray(t, dtype=np.int64) for t in traces])
+    T, L, K = ids.shape
+    E = num_experts
+    probs = None
+    if scores is not None:
+        assert len(scores) == len(traces), "one list of score arrays per trace"
+        probs = [np.concatenate([np.asarray(s[d]) for s in scores]) for d in range(len(scores[0]))]
+    used = np.zeros((T, L, E), dtype=bool)
+    np.put_along_axis(used, ids, True, axis=2)
+    # next_use[t, l, e]: first pass >= t using e at layer l (T + MAX_AGE when none).
+    next_use = np.full((T + 1, L, E), T + ReuseFeatures.MAX_AGE, dtype=np.int64)
+    for t in range(T - 1, -1, -1):
+        next_use[t] = np.where(used[t], t, next_use[t + 1])
+    feats = ReuseFeatures(L, E, memory)
+    xs, ys = [], []
+    step = 0
+    for t in range(T):
+        for layer in range(L):
+            feats.layer_start(layer)
+            for e in ids[t, layer].tolist():
+                feats.use(layer, e)
+            if probs is not None:  # what observe_scores would pass, written straight into the array
+                for d, pd in enumerate(probs, start=1):
+                    if layer + d < L:
+                        feats.scores[(layer + d) * E : (layer + d + 1) * E] = pd[t, layer]
+                feats._scored = True
+            step += 1
+            if step % sample_every:
+                continue
+            idx = rng.choice(L * E, size=min(keys_per_sample, L * E), replace=False)
+            kl, ke = idx // E, idx % E
+            start = np.where(kl > layer, t, t + 1)
+            nxt = np.minimum(next_use[np.minimum(start, T), kl, ke], t + ReuseFeatures.MAX_AGE)
+            steps = (nxt - t) * L + kl - layer
+            xs.append(feats.features(idx))
+            ys.append(np.log(np.maximum(steps, 1)))
+    x = np.concatenate(xs)
+    y = np.concatenate(ys)
+    if probs is None:
+        x = x.copy()
+        x[:, REUSE_FEATURES.index("score")] = 0.0
+    # Ridge-regularised least squares (columns that never vary get weight ~0).
+    reg = 1e-3 * len(y) * np.eye(x.shape[1])
+    reg[0, 0] = 0.0
+    w = np.linalg.solve(x.T @ x + reg, x.T @ y)
+    return tuple(float(v) for v in w)

@@ -3,6 +3,15 @@
 Policy only: no devices, no I/O, no import of ``moe_engine`` or ``placement``. See ``base.py``.
 """
 
-from predictors.base import PredictionContext, Predictor, available_predictors, make_predictor, register_predictor
+from predictors.base import (
+    PredictionContext,
+    Predictor,
+    TraceLike,
+    available_predictors,
+    make_predictor,
+    predictor_class,
+    register_predictor,
+)
 
-__all__ = ["PredictionContext", "Predictor", "available_predictors", "make_predictor", "register_predictor"]
+__all__ = ["PredictionContext", "Predictor", "TraceLike", "available_predictors", "make_predictor", "predictor_class",
+           "register_predictor"]

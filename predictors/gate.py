@@ -20,9 +20,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
-from predictors.base import PredictionContext, Predictor, register_predictor
+from predictors.base import PredictionContext, Predictor, TraceLike, register_predictor
 
 
 @register_predictor("cross_layer_gate")
@@ -40,6 +41,10 @@ class CrossLayerGate(Predictor):
         if not router_weights:
             raise ValueError("router_weights is empty: give one [E, H] weight per MoE layer")
         self.router_weights = [w.detach() for w in router_weights]
+        shapes = {tuple(w.shape) for w in self.router_weights}
+        if len(shapes) != 1 or len(next(iter(shapes))) != 2:
+            raise ValueError(f"router weights must all be [E, H] of one shape, got {sorted(shapes)}")
+        self.num_experts = int(self.router_weights[0].shape[0])
         self.score = score
         self.biases = list(biases) if biases is not None else [None] * len(self.router_weights)
         if len(self.biases) != len(self.router_weights):
@@ -59,3 +64,19 @@ class CrossLayerGate(Predictor):
         probs = logits.sigmoid()
         bias = self.biases[target]
         return probs + bias.to(probs) if bias is not None else probs
+
+    def trace_scores(self, trace: TraceLike, distance: int) -> np.ndarray:
+        """Batched over all tokens of a trace recorded with gate inputs (see ``Predictor.trace_scores``)."""
+        if trace.gate_inputs is None:
+            raise ValueError("cross_layer_gate needs a trace with gate_inputs (record with --gate-inputs)")
+        T, L, _ = trace.expert_ids.shape
+        if L != len(self.router_weights):
+            raise ValueError(f"the trace has {L} MoE layers, the router weights {len(self.router_weights)}")
+        out = np.zeros((T, L - distance, self.num_experts), dtype=np.float32)
+        hist = torch.zeros(T, L, 1, dtype=torch.long)  # the gate reads no history
+        dev = self.router_weights[0].device
+        for layer in range(L - distance):
+            x = torch.as_tensor(np.asarray(trace.gate_inputs[:, layer], dtype=np.float32), device=dev)
+            ctx = PredictionContext(layer=layer, history=hist[:, : layer + 1], gate_input=x)
+            out[:, layer] = self.scores(ctx, distance).float().cpu().numpy()
+        return out

@@ -1,0 +1,472 @@
+"""Trace-driven simulator of the fast-tier expert cache: policy, prefetch and projected time, no tensors moved.
+
+It replays a routing trace in decode order (token by token, and within a token MoE layer by MoE layer)
+against one cache shared by all layers, driving the same ``EvictionPolicy`` objects the runtime cache
+uses, and reports what the runtime would see: demand hit rate, bytes moved (demand loads + prefetches),
+wasted prefetches, and, with a hardware profile, projected time per token. Belady's offline optimum
+(evict the resident expert whose next use is farthest away) runs on the same access sequence as the
+reference no online policy can beat without prefetch.
+
+Glossary:
+
+* step: one (token, MoE layer) pair; its K routed experts must all be resident before it computes.
+* demand hit rate: share of the K experts per step already resident (possibly thanks to a prefetch) when
+  the step starts. With prefetch, an expert still in flight counts as a hit (it was not requested on
+  demand) and its remaining transfer time shows up as stall time in the time projection.
+* wasted prefetch: a prefetched expert evicted (or left at the end) without ever being used.
+* capacity: number of expert slots, ``round(budget * L * E)``.
+
+Example::
+
+    trace = load_trace("../shared/traces/dsv2lite-esft-intent.npz")
+    res = simulate(trace, SimConfig(budget=0.25, policy="lru"))
+    res.hit_rate, res.belady_hit_rate, res.bytes_moved
+"""
+
+from __future__ import annotations
+
+import heapq
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from moe_engine.policies import EvictionPolicy, ExpertKey, fit_reuse_weights, make_policy
+from moe_engine.traces import RoutingTrace
+
+if TYPE_CHECKING:
+    from predictors.base import Predictor
+
+#: bf16 bytes of one routed expert of DeepSeek-V2-Lite (3 matrices of 2048 x 1408), the model of the
+#: shared traces; traces recorded by ``moe-engine trace`` carry their own ``expert_bytes`` in ``meta``.
+DSV2_LITE_EXPERT_BYTES = 3 * 2048 * 1408 * 2
+
+
+@dataclass(frozen=True)
+class HardwareProfile:
+    """Costs of the two tiers, for the time projection.
+
+    ``transfer_bytes_per_s``: slow -> fast tier copy bandwidth (one copy stream, transfers in FIFO order).
+    ``compute_bytes_per_s``: expert weight bytes the compute device streams through per second in a decode
+    step (decode is memory-bound: one token's expert FFN reads the whole expert once).
+    ``measured``: where the transfer figure comes from (a date for figures measured on this machine).
+    """
+
+    name: str
+    transfer_bytes_per_s: float
+    compute_bytes_per_s: float
+    measured: str
+
+    def __post_init__(self) -> None:
+        if self.transfer_bytes_per_s <= 0 or self.compute_bytes_per_s <= 0:
+            raise ValueError(f"hardware profile {self.name!r}: bandwidths must be > 0")
+
+
+PROFILES: dict[str, HardwareProfile] = {
+    # PCIe 4.0 x16: 31.5 GB/s raw per direction; pinned host-to-device copies reach about 25 GB/s.
+    # Compute: an H100-class GPU streams expert weights at about 2 TB/s in a decode step.
+    "pcie4-x16": HardwareProfile(
+        name="pcie4-x16",
+        transfer_bytes_per_s=25e9,
+        compute_bytes_per_s=2.0e12,
+        measured="nominal: PCIe 4.0 x16 effective pinned host-to-device copy rate; GPU compute at 2 TB/s",
+    ),
+    # This machine's disk with the page cache bypassed, and its CPU. Measured with
+    # `measure_cold_read_bandwidth()` (a 1 GiB file written, fsync'd, posix_fadvise DONTNEED, read in
+    # 16 MiB chunks; median of 3 reads: 0.54 GB/s, range 0.52-0.81) and a one-thread bf16 matvec through a
+    # DeepSeek-V2-Lite-sized expert (1.42 GB/s of weights, 12.2 ms per expert), both while another
+    # training job shared the 2 cores.
+    "disk": HardwareProfile(
+        name="disk",
+        transfer_bytes_per_s=0.54e9,
+        compute_bytes_per_s=1.42e9,
+        measured="2026-11-22, this machine (2 vCPU, virtio disk)",
+    ),
+}
+
+
+def measure_cold_read_bandwidth(directory: str | os.PathLike, size_bytes: int = 1 << 30, repeats: int = 3) -> float:
+    """Bytes/s of a sequential read of a fresh file after ``posix_fadvise(DONTNEED)`` (median of repeats).
+
+    Writes ``size_bytes`` of random data in ``directory``, fsyncs it so the page cache holds no dirty
+    pages, then drops it from the page cache before each timed read. The file is removed afterwards.
+    """
+    chunk = np.random.default_rng(0).bytes(16 << 20)
+    fd_, path = tempfile.mkstemp(prefix="coldread-", suffix=".bin", dir=directory)
+    try:
+        with os.fdopen(fd_, "wb") as f:
+            for _ in range(max(1, size_bytes // len(chunk))):
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        rates = []
+        for _ in range(repeats):
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                t0 = time.perf_counter()
+                n = 0
+                while b := os.read(fd, 16 << 20):
+                    n += len(b)
+                rates.append(n / (time.perf_counter() - t0))
+            finally:
+                os.close(fd)
+        return float(np.median(rates))
+    finally:
+        os.unlink(path)
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """What to simulate. ``budget`` is the cache capacity as a share of all L * E experts."""
+
+    budget: float
+    policy: str = "lru"
+    predictor: str | None = None  # only used for naming in results; the predictor object is passed apart
+    distance: int = 1  # prediction distance: layers l+1..l+distance are scored after layer l is routed
+    prefetch: bool = False  # prefetch predicted experts (needs a predictor)
+    prefetch_per_layer: int = 6  # at most this many prefetches issued per step and predicted layer
+    prefetch_min_prob: float = 0.25  # prefetch only experts whose predicted probability reaches this
+    profile: str | None = "pcie4-x16"
+    expert_bytes: int | None = None  # None: trace meta["expert_bytes"], else DeepSeek-V2-Lite's
+    layer_overhead_s: float = 0.0  # non-expert compute per token and MoE layer (model-specific)
+    max_tokens: int | None = None  # replay only the first tokens of the trace
+    policy_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.budget <= 1:
+            raise ValueError(f"budget must be a share of all experts in (0, 1], got {self.budget}")
+        if self.distance < 1:
+            raise ValueError(f"distance must be >= 1, got {self.distance}")
+        if self.prefetch_per_layer < 0:
+            raise ValueError("prefetch_per_layer must be >= 0")
+        if self.profile is not None and self.profile not in PROFILES:
+            raise ValueError(f"unknown hardware profile {self.profile!r}; choose one of: {', '.join(PROFILES)}")
+
+
+@dataclass
+class SimResult:
+    """Counts are in experts (one expert = ``expert_bytes``), rates are shares of demand accesses."""
+
+    settings: dict[str, Any]
+    capacity: int
+    tokens: int
+    accesses: int
+    hits: int
+    hit_rate: float
+    belady_hit_rate: float
+    demand_loads: int
+    prefetch_loads: int
+    prefetch_used: int
+    wasted_prefetch: int
+    bytes_moved: int
+    demand_bytes: int
+    prefetch_bytes: int
+    wasted_prefetch_bytes: int
+    expert_bytes: int
+    time_per_token_s: float | None = None
+    stall_per_token_s: float | None = None
+    compute_per_token_s: float | None = None
+    profile: dict[str, Any] | None = None
+    per_layer_hit_rate: list[float] = field(default_factory=list)
+    wall_s: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def capacity_for(budget: float, num_layers: int, num_experts: int, top_k: int) -> int:
+    """Slots for a budget share; at least one layer's worth of experts so every step can run."""
+    return max(top_k, int(round(budget * num_layers * num_experts)))
+
+
+def belady_hit_rate(expert_ids: np.ndarray, capacity: int) -> tuple[float, list[float]]:
+    """Belady's offline optimum over the decode-order access sequence of ``expert_ids [T, L, K]``.
+
+    On a miss it evicts the resident expert (not needed by the running step) whose next use is the
+    farthest away. Returns (hit rate, per-layer hit rates).
+    """
+    ids = np.asarray(expert_ids, dtype=np.int64)
+    T, L, K = ids.shape
+    never = T * L + 1
+    # next_step[t, l, k]: the step index at which expert ids[t, l, k] is next used at layer l after token t.
+    next_step = np.full((T, L, K), never, dtype=np.int64)
+    for layer in range(L):
+        last: dict[int, int] = {}
+        col = ids[:, layer, :].tolist()
+        for t in range(T - 1, -1, -1):
+            row = col[t]
+            for k, e in enumerate(row):
+                next_step[t, layer, k] = last.get(e, never)
+            for e in row:
+                last[e] = (t * L) + layer
+    nxt = next_step.tolist()
+    cur_next: dict[int, int] = {}  # key code -> step of next use
+    heap: list[tuple[int, int]] = []  # (-next_use, key code), lazily invalidated
+    hits = 0
+    layer_hits = [0] * L
+    all_ids = ids.tolist()
+    for t in range(T):
+        for layer in range(L):
+            row = all_ids[t][layer]
+            codes = [layer * 65536 + e for e in row]
+            missing = [c for c in codes if c not in cur_next]
+            h = K - len(missing)
+            hits += h
+            layer_hits[layer] += h
+            now = t * L + layer
+            for c in codes:  # pin the running step's experts: their next use is now
+                if c in cur_next:
+                    cur_next[c] = now
+            for c in missing:
+                if len(cur_next) >= capacity:
+                    while True:
+                        neg, v = heapq.heappop(heap)
+                        if cur_next.get(v) == -neg and -neg != now:
+                            del cur_next[v]
+                            break
+                cur_next[c] = now
+            for k, c in enumerate(codes):
+                nu = nxt[t][layer][k]
+                cur_next[c] = nu
+                heapq.heappush(heap, (-nu, c))
+            if len(heap) > 8 * capacity + 64:  # drop stale entries now and then
+                heap = [(-nu, c) for c, nu in cur_next.items()]
+                heapq.heapify(heap)
+    total = T * L * K
+    return hits / total, [layer_hits[i] / (T * K) for i in range(L)]
+
+
+def _expert_bytes(trace: RoutingTrace, cfg: SimConfig) -> int:
+    if cfg.expert_bytes is not None:
+        return int(cfg.expert_bytes)
+    return int(trace.meta.get("expert_bytes", DSV2_LITE_EXPERT_BYTES))
+
+
+def scores_to_probs(scores: np.ndarray, top_k: int) -> np.ndarray:
+    """Per-row ``[..., E]`` scores to pseudo-probabilities of being chosen: softmax scaled to sum to K, clipped.
+
+    Predictors return scores on different scales (logits, counts, probabilities); the simulator and the
+    prediction-aware policy need one scale to compare experts of different layers.
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    if np.all(s >= 0) and np.allclose(s.sum(-1), 0.0):
+        return np.zeros_like(s)
+    if np.all(s >= 0):  # counts or probabilities: normalise linearly
+        p = s / np.maximum(s.sum(-1, keepdims=True), 1e-12)
+    else:
+        z = s - s.max(-1, keepdims=True)
+        p = np.exp(z)
+        p /= p.sum(-1, keepdims=True)
+    return np.minimum(p * top_k, 1.0)
+
+
+def fit_policy_kwargs(
+    policy: str,
+    train: Sequence[RoutingTrace],
+    num_experts: int,
+    predictor: Predictor | None = None,
+    distance: int = 1,
+) -> dict[str, Any]:
+    """Keyword arguments fitting ``policy`` to training traces (only ``predictive`` has any: its reuse
+    weights, with the predictor's scores on the training traces when a predictor is given)."""
+    if policy != "predictive" or not train:
+        return {}
+    scores = None
+    if predictor is not None:
+        scores = []
+        for tr in train:
+            L = tr.num_layers
+            scores.append(
+                [scores_to_probs(predictor.trace_scores(tr, d), tr.top_k).astype(np.float32) for d in range(1, min(distance, L - 1) + 1)]
+            )
+    return {"weights": fit_reuse_weights([t.expert_ids for t in train], num_experts, scores=scores)}
+
+
+def simulate(
+    trace: RoutingTrace,
+    cfg: SimConfig,
+    predictor: Predictor | None = None,
+    policy: EvictionPolicy | None = None,
+    with_belady: bool = True,
+) -> SimResult:
+    """Replay ``trace`` in decode order against one shared cache; see the module docstring."""
+    t0 = time.perf_counter()
+    ids = np.asarray(trace.expert_ids, dtype=np.int64)
+    starts = trace.sequence_starts
+    if cfg.max_tokens is not None:
+        n = min(cfg.max_tokens, ids.shape[0])
+        ids = ids[:n]
+        starts = np.concatenate([starts[starts < n], [n]])
+        trace = RoutingTrace(
+            expert_ids=trace.expert_ids[:n],
+            expert_weights=trace.expert_weights[:n],
+            sequence_starts=starts.astype(np.int64),
+            meta=trace.meta,
+            gate_inputs=None if trace.gate_inputs is None else trace.gate_inputs[:n],
+        )
+    T, L, K = ids.shape
+    E = trace.num_experts
+    capacity = capacity_for(cfg.budget, L, E, K)
+    if policy is None:
+        policy = make_policy(cfg.policy, num_layers=L, num_experts=E, capacity=capacity, **cfg.policy_kwargs)
+    if cfg.prefetch and predictor is None:
+        raise ValueError("prefetch needs a predictor (--predictor NAME)")
+    expert_bytes = _expert_bytes(trace, cfg)
+    profile = PROFILES[cfg.profile] if cfg.profile else None
+
+    # probs[d - 1][t, l]: predicted probabilities for layer l + d, known after token t's layer l is routed.
+    probs: list[np.ndarray] = []
+    if predictor is not None:
+        for d in range(1, cfg.distance + 1):
+            if d >= L:
+                break
+            s = predictor.trace_scores(trace, d)  # [T, L - d, E]
+            probs.append(scores_to_probs(s, K).astype(np.float32))
+
+    resident: dict[ExpertKey, None] = {}
+    prefetched_unused: set[ExpertKey] = set()
+    arrival: dict[ExpertKey, float] = {}  # in-flight (or arrived) prefetch completion times
+    hits = demand_loads = prefetch_loads = prefetch_used = wasted = 0
+    layer_hits = [0] * L
+    now = link_free = stall = compute_total = 0.0
+    t_copy = expert_bytes / profile.transfer_bytes_per_s if profile else 0.0
+    t_expert = expert_bytes / profile.compute_bytes_per_s if profile else 0.0
+    overhead = cfg.layer_overhead_s
+    observe = type(policy).observe_scores is not EvictionPolicy.observe_scores
+    all_ids = ids.tolist()
+
+    # Candidates are built once per step and kept current as victims leave (a step's own inserts are
+    # protected, so they never join): building them per miss would cost O(capacity) each time.
+    cands: list[ExpertKey] | None = None
+
+    def reclaim(protect: set[ExpertKey]) -> bool:
+        nonlocal wasted, cands
+        if cands is None:
+            cands = [k for k in resident if k not in protect]
+        if not cands:
+            return False
+        v = policy.victim(cands)
+        if v not in resident or v in protect:
+            raise RuntimeError(f"policy {policy.name!r} chose {v}, which is not an evictable candidate")
+        cands.remove(v)
+        del resident[v]
+        if v in prefetched_unused:
+            prefetched_unused.discard(v)
+            wasted += 1
+        arrival.pop(v, None)
+        policy.evict(v)
+        return True
+
+    for t in range(T):
+        for layer in range(L):
+            policy.layer_start(layer)
+            cands = None
+            row = all_ids[t][layer]
+            needed = [(layer, e) for e in row]
+            need_set = set(needed)
+            ready = now
+            missing = []
+            for key in needed:
+                if key in resident:
+                    hits += 1
+                    layer_hits[layer] += 1
+                    if key in prefetched_unused:
+                        prefetched_unused.discard(key)
+                        prefetch_used += 1
+                    a = arrival.pop(key, None)
+                    if a is not None:
+                        ready = max(ready, a)
+                    policy.access(key, hit=True)
+                else:
+                    missing.append(key)
+            for key in missing:
+                if len(resident) >= capacity:
+                    reclaim(need_set)
+                resident[key] = None
+                demand_loads += 1
+                link_free = max(link_free, now) + t_copy
+                ready = max(ready, link_free)
+                policy.insert(key, prefetch=False)
+                policy.access(key, hit=False)
+            stall += ready - now
+            step_compute = overhead + K * t_expert
+            compute_total += step_compute
+            now = ready + step_compute
+            if not probs:
+                continue
+            # After routing this layer: predictions for the next layers of this token.
+            scored: dict[ExpertKey, float] = {}
+            for d, pd in enumerate(probs, start=1):
+                target = layer + d
+                if target >= L:
+                    break
+                p = pd[t, layer]
+                for e in np.flatnonzero(p > 1e-3).tolist():
+                    scored[(target, e)] = float(p[e])
+            if observe:
+                policy.observe_scores(scored)
+            if not cfg.prefetch:
+                continue
+            issued = 0
+            protect = set(need_set)
+            cands = None
+            for d, pd in enumerate(probs, start=1):
+                target = layer + d
+                if target >= L:
+                    break
+                p = pd[t, layer]
+                order = np.argsort(-p)[: cfg.prefetch_per_layer].tolist()
+                for e in order:
+                    if p[e] <= 0 or p[e] < cfg.prefetch_min_prob:
+                        break
+                    key = (target, e)
+                    protect.add(key)
+                    if cands is not None and key in resident:
+                        cands = None  # a newly protected key may sit in the candidate list
+                    if key in resident:
+                        continue
+                    if len(resident) >= capacity and not reclaim(protect):
+                        break
+                    resident[key] = None
+                    prefetched_unused.add(key)
+                    prefetch_loads += 1
+                    issued += 1
+                    # Issued once this layer is routed; the copy queues behind earlier copies.
+                    link_free = max(link_free, ready) + t_copy
+                    arrival[key] = link_free
+                    policy.insert(key, prefetch=True)
+    wasted += len(prefetched_unused)
+
+    accesses = T * L * K
+    bel, _ = belady_hit_rate(ids, capacity) if with_belady else (float("nan"), [])
+    res = SimResult(
+        settings={**asdict(cfg), "predictor": cfg.predictor or (predictor.name if predictor else None)},
+        capacity=capacity,
+        tokens=T,
+        accesses=accesses,
+        hits=hits,
+        hit_rate=hits / accesses,
+        belady_hit_rate=bel,
+        demand_loads=demand_loads,
+        prefetch_loads=prefetch_loads,
+        prefetch_used=prefetch_used,
+        wasted_prefetch=wasted,
+        bytes_moved=(demand_loads + prefetch_loads) * expert_bytes,
+        demand_bytes=demand_loads * expert_bytes,
+        prefetch_bytes=prefetch_loads * expert_bytes,
+        wasted_prefetch_bytes=wasted * expert_bytes,
+        expert_bytes=expert_bytes,
+        per_layer_hit_rate=[h / (T * K) for h in layer_hits],
+    )
+    if profile is not None:
+        res.time_per_token_s = now / T
+        res.stall_per_token_s = stall / T
+        res.compute_per_token_s = compute_total / T
+        res.profile = asdict(profile)
+    res.wall_s = time.perf_counter() - t0
+    return res
