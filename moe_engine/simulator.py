@@ -172,6 +172,7 @@ class SimResult:
     stall_per_token_s: float | None = None
     compute_per_token_s: float | None = None
     profile: dict[str, Any] | None = None
+    projections: dict[str, dict[str, float]] = field(default_factory=dict)  # every profile
     per_layer_hit_rate: list[float] = field(default_factory=list)
     wall_s: float = 0.0
 
@@ -265,6 +266,50 @@ def scores_to_probs(scores: np.ndarray, top_k: int) -> np.ndarray:
     return np.minimum(p * top_k, 1.0)
 
 
+class _Timeline:
+    """Projected time on one hardware profile: one FIFO copy stream, compute after a step's experts arrive."""
+
+    def __init__(self, profile: HardwareProfile, expert_bytes: int, layer_overhead_s: float, top_k: int) -> None:
+        self.profile = profile
+        self.t_copy = expert_bytes / profile.transfer_bytes_per_s
+        self.t_step = layer_overhead_s + top_k * expert_bytes / profile.compute_bytes_per_s
+        self.now = self.link_free = self.stall = self.compute = 0.0
+        self.start = self.ready = 0.0
+        self.arrival: dict[ExpertKey, float] = {}  # prefetches in flight (or arrived, not yet used)
+
+    def step_begin(self) -> None:
+        self.start = self.ready = self.now
+
+    def hit(self, key: ExpertKey) -> None:
+        a = self.arrival.pop(key, None)
+        if a is not None:  # a prefetch still in flight: wait for the rest of it
+            self.ready = max(self.ready, a)
+
+    def demand_load(self) -> None:
+        self.link_free = max(self.link_free, self.start) + self.t_copy
+        self.ready = max(self.ready, self.link_free)
+
+    def step_end(self) -> None:
+        self.stall += self.ready - self.start
+        self.compute += self.t_step
+        self.now = self.ready + self.t_step
+
+    def prefetch(self, key: ExpertKey) -> None:
+        # Issued once the layer is routed; the copy queues behind earlier copies.
+        self.link_free = max(self.link_free, self.start) + self.t_copy
+        self.arrival[key] = self.link_free
+
+    def evict(self, key: ExpertKey) -> None:
+        self.arrival.pop(key, None)
+
+    def summary(self, tokens: int) -> dict[str, float]:
+        return {
+            "time_per_token_s": self.now / tokens,
+            "stall_per_token_s": self.stall / tokens,
+            "compute_per_token_s": self.compute / tokens,
+        }
+
+
 def fit_policy_kwargs(
     policy: str,
     train: Sequence[RoutingTrace],
@@ -317,7 +362,8 @@ def simulate(
     if cfg.prefetch and predictor is None:
         raise ValueError("prefetch needs a predictor (--predictor NAME)")
     expert_bytes = _expert_bytes(trace, cfg)
-    profile = PROFILES[cfg.profile] if cfg.profile else None
+    # Every profile is projected (cheap); cfg.profile picks the one reported in the top-level fields.
+    clocks = [_Timeline(p, expert_bytes, cfg.layer_overhead_s, K) for p in PROFILES.values()]
 
     # probs[d - 1][t, l]: predicted probabilities for layer l + d, known after token t's layer l is routed.
     probs: list[np.ndarray] = []
@@ -330,13 +376,8 @@ def simulate(
 
     resident: dict[ExpertKey, None] = {}
     prefetched_unused: set[ExpertKey] = set()
-    arrival: dict[ExpertKey, float] = {}  # in-flight (or arrived) prefetch completion times
     hits = demand_loads = prefetch_loads = prefetch_used = wasted = 0
     layer_hits = [0] * L
-    now = link_free = stall = compute_total = 0.0
-    t_copy = expert_bytes / profile.transfer_bytes_per_s if profile else 0.0
-    t_expert = expert_bytes / profile.compute_bytes_per_s if profile else 0.0
-    overhead = cfg.layer_overhead_s
     observe = type(policy).observe_scores is not EvictionPolicy.observe_scores
     all_ids = ids.tolist()
 
@@ -358,7 +399,8 @@ def simulate(
         if v in prefetched_unused:
             prefetched_unused.discard(v)
             wasted += 1
-        arrival.pop(v, None)
+        for c in clocks:
+            c.evict(v)
         policy.evict(v)
         return True
 
@@ -369,7 +411,8 @@ def simulate(
             row = all_ids[t][layer]
             needed = [(layer, e) for e in row]
             need_set = set(needed)
-            ready = now
+            for c in clocks:
+                c.step_begin()
             missing = []
             for key in needed:
                 if key in resident:
@@ -378,9 +421,8 @@ def simulate(
                     if key in prefetched_unused:
                         prefetched_unused.discard(key)
                         prefetch_used += 1
-                    a = arrival.pop(key, None)
-                    if a is not None:
-                        ready = max(ready, a)
+                    for c in clocks:
+                        c.hit(key)
                     policy.access(key, hit=True)
                 else:
                     missing.append(key)
@@ -389,14 +431,12 @@ def simulate(
                     reclaim(need_set)
                 resident[key] = None
                 demand_loads += 1
-                link_free = max(link_free, now) + t_copy
-                ready = max(ready, link_free)
+                for c in clocks:
+                    c.demand_load()
                 policy.insert(key, prefetch=False)
                 policy.access(key, hit=False)
-            stall += ready - now
-            step_compute = overhead + K * t_expert
-            compute_total += step_compute
-            now = ready + step_compute
+            for c in clocks:
+                c.step_end()
             if not probs:
                 continue
             # After routing this layer: predictions for the next layers of this token.
@@ -412,7 +452,6 @@ def simulate(
                 policy.observe_scores(scored)
             if not cfg.prefetch:
                 continue
-            issued = 0
             protect = set(need_set)
             cands = None
             for d, pd in enumerate(probs, start=1):
@@ -435,10 +474,8 @@ def simulate(
                     resident[key] = None
                     prefetched_unused.add(key)
                     prefetch_loads += 1
-                    issued += 1
-                    # Issued once this layer is routed; the copy queues behind earlier copies.
-                    link_free = max(link_free, ready) + t_copy
-                    arrival[key] = link_free
+                    for c in clocks:
+                        c.prefetch(key)
                     policy.insert(key, prefetch=True)
     wasted += len(prefetched_unused)
 
@@ -463,10 +500,12 @@ def simulate(
         expert_bytes=expert_bytes,
         per_layer_hit_rate=[h / (T * K) for h in layer_hits],
     )
-    if profile is not None:
-        res.time_per_token_s = now / T
-        res.stall_per_token_s = stall / T
-        res.compute_per_token_s = compute_total / T
-        res.profile = asdict(profile)
+    res.projections = {c.profile.name: c.summary(T) for c in clocks}
+    if cfg.profile is not None:
+        main = res.projections[cfg.profile]
+        res.time_per_token_s = main["time_per_token_s"]
+        res.stall_per_token_s = main["stall_per_token_s"]
+        res.compute_per_token_s = main["compute_per_token_s"]
+        res.profile = asdict(PROFILES[cfg.profile])
     res.wall_s = time.perf_counter() - t0
     return res

@@ -16,7 +16,9 @@ What the network sees when MoE layer ``l`` of a token has been routed, to score 
    experts at layer ``l + d`` are strong evidence. They enter as embeddings keyed by (match rank,
    similarity bucket, expert) and as a direct logit bonus learned per (rank, similarity bucket), so the
    network learns how far to trust a match of a given quality and falls back on the path when none is good;
-3. (``mlp_gate``) the gate input of layer ``l``, RMS-normalised, through a linear map;
+3. (``mlp_gate``) the gate input of layer ``l``, RMS-normalised, through a linear map into the hidden
+   layer, and through a per-(target layer, distance) linear map straight to logits (a learned
+   cross-layer gate);
 4. embeddings of the target layer and of the distance ``d``.
 
 Their sum goes through ``ReLU -> Linear -> ReLU`` and a per-target-layer output head ``[H, E]``. Training
@@ -174,6 +176,11 @@ class _Net(nn.Module):
         self.target = nn.Embedding(L, H)
         self.dist = nn.Embedding(max(cfg.distances) + 1, H)
         self.gate = nn.Linear(gate_width, H) if cfg.use_gate_input else None
+        # A learned cross-layer gate: per (target layer, distance), a linear map from the gate input
+        # straight to logits (zero at start), beside the hidden-layer path.
+        self.gate_head = (
+            nn.Parameter(torch.zeros(gate_width, L * (max(cfg.distances) + 1) * E)) if cfg.use_gate_input else None
+        )
         self.body = nn.Sequential(nn.ReLU(), nn.Linear(H, H), nn.ReLU())
         self.head = nn.Parameter(torch.randn(L, H, E) * H**-0.5)
         self.head_bias = nn.Parameter(torch.zeros(L, E))
@@ -193,12 +200,16 @@ class _Net(nn.Module):
     ) -> torch.Tensor:
         """``[N, E]`` the network's logits before scaling and the direct match bonus."""
         h = self.path(path, per_sample_weights=path_w) + self.copy(copy) + self.target(target) + self.dist(distance)
+        direct = None
         if self.gate is not None:
-            assert gate is not None, "this predictor reads gate inputs"
+            assert gate is not None and self.gate_head is not None, "this predictor reads gate inputs"
             g = gate / gate.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()
             h = h + self.gate(g)
+            per_pair = (g @ self.gate_head).view(g.shape[0], self.L, -1, self.E)  # [N, L, D + 1, E]
+            direct = per_pair[torch.arange(g.shape[0]), target, distance]
         h = self.body(h)
-        return torch.einsum("nh,nhe->ne", h, self.head[target]) + self.head_bias[target]
+        logits = torch.einsum("nh,nhe->ne", h, self.head[target]) + self.head_bias[target]
+        return logits if direct is None else logits + direct
 
     def combine(
         self,
