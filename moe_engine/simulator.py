@@ -15,6 +15,13 @@ Glossary:
   demand) and its remaining transfer time shows up as stall time in the time projection.
 * wasted prefetch: a prefetched expert evicted (or left at the end) without ever being used.
 * capacity: number of expert slots, ``round(budget * L * E)``.
+* prefetch: after a step is routed, the predictor's probabilities for the next ``distance`` layers of the
+  same token reach the policy (``observe_scores``); with prefetch on, the likeliest non-resident experts
+  (at most ``prefetch_per_layer`` per predicted layer, probability >= ``prefetch_min_prob``) are loaded,
+  evicting the policy's victims but never the running step's experts or this step's predictions.
+* time projection, per hardware profile: one copy stream serving copies in issue order (a step's demand
+  loads, then its prefetches); a step computes once its experts have arrived (``K`` experts streamed at
+  ``compute_bytes_per_s``, plus ``layer_overhead_s``); stall = time a step waits for copies.
 
 Example::
 

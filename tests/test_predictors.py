@@ -204,3 +204,25 @@ def test_eval_predictors_cli_json(tmp_path, capsys):
     assert rc == 2 and "training traces" in capsys.readouterr().err
     rc = main(["eval-predictors", "--train", str(train), "--test", str(test), "--distances", "9"])
     assert rc == 2 and "distances must be in 1..3" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("variant", ["qwen3_moe", "deepseek_v3"])
+def test_router_predictor_reads_the_checkpoint_routers(tiny_checkpoint, variant):
+    from transformers import AutoModelForCausalLM
+
+    from moe_engine.adapters import moe_blocks
+    from moe_engine.predictor_factory import router_predictor
+
+    path = tiny_checkpoint(variant)
+    pred = router_predictor(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    routers = [b.gate for _, b in moe_blocks(model)]
+    assert len(pred.router_weights) == len(routers) >= 2
+    x = torch.randn(3, routers[0].weight.shape[1])
+    logits = x @ routers[1].weight.T
+    got = pred.scores(PredictionContext(layer=0, history=torch.zeros(3, 1, 1, dtype=torch.long), gate_input=x), 1)
+    if variant == "deepseek_v3":
+        want = logits.sigmoid() + routers[1].e_score_correction_bias
+    else:
+        want = logits.softmax(-1)
+    torch.testing.assert_close(got, want)

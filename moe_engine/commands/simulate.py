@@ -71,6 +71,8 @@ def run(args: argparse.Namespace) -> int:
     if prefetch and not args.predictor:
         raise UserError("--prefetch needs --predictor")
 
+    from dataclasses import replace
+
     from moe_engine.predictor_factory import build_predictor
     from moe_engine.traces import load_trace
 
@@ -91,7 +93,6 @@ def run(args: argparse.Namespace) -> int:
             profile=args.profile,
             expert_bytes=args.expert_bytes,
             max_tokens=args.max_tokens,
-            policy_kwargs=fit_policy_kwargs(args.policy, train, trace.num_experts),
             **extra,
         )
     except ValueError as exc:
@@ -106,6 +107,8 @@ def run(args: argparse.Namespace) -> int:
             learned_path=args.learned,
             log=lambda m: print(m, file=sys.stderr, flush=True),
         )
+    # The predictive policy's reuse weights, fitted on --train (with the predictor's scores).
+    cfg = replace(cfg, policy_kwargs=fit_policy_kwargs(args.policy, train, trace.num_experts, pred, args.distance))
     res = simulate(trace, cfg, predictor=pred, with_belady=not args.no_belady)
     if args.json:
         out = res.to_dict()
