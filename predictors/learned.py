@@ -543,9 +543,7 @@ class LearnedPredictor(Predictor):
             opt.zero_grad()
             loss.backward()
             opt.step()
-        for p in params:
-            p.requires_grad_(False)
-        net.copy_bonus.requires_grad_(True)  # trainable again should fit continue
+        net.logit_scale.requires_grad_(False)  # back to training state: only calibration moves the scale
         return before, recall()
 
     def _recall(self, ids, midx, msim, gate, rows: torch.Tensor) -> float:

@@ -226,3 +226,30 @@ def test_router_predictor_reads_the_checkpoint_routers(tiny_checkpoint, variant)
     else:
         want = logits.softmax(-1)
     torch.testing.assert_close(got, want)
+
+
+def test_generic_trace_scores_passes_each_tokens_own_history():
+    from predictors.base import Predictor
+
+    class PrevToken(Predictor):
+        """Scores the experts the previous token of the sequence used at the target layer."""
+
+        uses_prev_tokens = True
+        prev_window = 4
+        num_experts = E
+
+        def scores(self, ctx, distance):
+            out = torch.zeros(ctx.history.shape[0], E)
+            if ctx.prev_tokens is not None and len(ctx.prev_tokens):
+                assert len(ctx.prev_tokens) <= self.prev_window
+                out[:, ctx.prev_tokens[-1, ctx.layer + distance]] = 1.0
+            return out
+
+    tr = chain_trace(T=20, seq_len=10)
+    s = PrevToken().trace_scores(tr, 2)
+    ids = tr.expert_ids.astype(np.int64)
+    assert s.shape == (20, L - 2, E)
+    assert s[0].sum() == 0 and s[10].sum() == 0  # first tokens of their sequences
+    for t in (1, 5, 19):
+        for layer in range(L - 2):
+            assert set(np.flatnonzero(s[t, layer])) == set(ids[t - 1, layer + 2])
