@@ -37,7 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--distances", default="1,2,3", help="comma-separated distances d (default 1,2,3)")
     p.add_argument("--k", type=int, default=None, help="experts predicted per token (default: the trace's top-k)")
     p.add_argument("--model", default=None, help="checkpoint directory for cross_layer_gate's router weights")
-    p.add_argument("--epochs", type=int, default=6, help="training epochs of the learned predictors (default 6)")
+    p.add_argument("--epochs", type=int, default=3, help="training epochs of the learned predictors (default 3)")
     p.add_argument(
         "--learned-dir",
         default=None,
