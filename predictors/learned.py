@@ -71,7 +71,7 @@ class LearnedConfig:
     copy_window: int = 256  # how far back in the sequence matches are looked for
     sim_buckets: int = 8  # S
     distances: tuple[int, ...] = (1, 2, 3)
-    epochs: int = 6
+    epochs: int = 3
     batch_tokens: int = 64
     lr: float = 2e-3
     weight_decay: float = 0.0
