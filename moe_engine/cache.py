@@ -154,11 +154,15 @@ class ExpertCache:
         self.stats.peak_resident_bytes = max(self.stats.peak_resident_bytes, resident)
 
     # ------------------------------------------------------------------ demand path
-    def iter_experts(self, layer: int, experts: list[int]) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    def iter_experts(
+        self, layer: int, experts: list[int], after_submit: Callable[[], object] | None = None
+    ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         """Yield ``(expert, gate_up, down)`` for each requested expert once its weights are in a slot.
 
         Resident experts come first while the misses load; the slot stays pinned until the consumer
-        asks for the next expert (or closes the generator).
+        asks for the next expert (or closes the generator). ``after_submit`` runs once, after this
+        layer's demand loads are queued and before anything is computed: the engine issues its
+        prefetches there, so they queue behind the demand loads and overlap this layer's compute.
         """
         self.policy.layer_start(layer)
         keys = [(layer, e) for e in experts]
@@ -186,6 +190,7 @@ class ExpertCache:
         remaining = list(keys)
         self._protected = set(keys)
         try:
+            first = True
             while remaining:
                 while to_load:  # start as many demand loads as slots allow
                     slot = self._claim(self._protected)
@@ -195,6 +200,10 @@ class ExpertCache:
                     self._load(k, slot, prefetch=False)
                     self.policy.insert(k, prefetch=False)
                     self.policy.access(k, hit=False)
+                if first:
+                    first = False
+                    if after_submit is not None:
+                        after_submit()
                 nxt = next((k for k in remaining if k in self.slot_of and self._is_ready(self.slot_of[k])), None)
                 if nxt is None:
                     loading = [k for k in remaining if k in self.slot_of]

@@ -17,6 +17,7 @@ Example::
 from __future__ import annotations
 
 import copy
+import functools
 import time
 from dataclasses import dataclass
 
@@ -153,10 +154,13 @@ class Engine:
             expert_mask = expert_mask.permute(2, 1, 0)  # [E+1, K, T]
             hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero().flatten().tolist()
         experts = [e for e in hit if e != num_experts]
+        # Prefetches for the next layers are issued once this layer's demand loads are queued.
+        after_submit = None
         if self.predictor is not None:
-            self._prefetch(layer, hidden_states, top_k_index, experts)
+            after_submit = functools.partial(self._prefetch, layer, hidden_states, top_k_index, experts)
+
         outputs: list[tuple[int, torch.Tensor, torch.Tensor]] = []
-        for e, gate_up, down in self.cache.iter_experts(layer, experts):
+        for e, gate_up, down in self.cache.iter_experts(layer, experts, after_submit):
             top_k_pos, token_idx = torch.where(expert_mask[e])
             current_state = hidden_states[token_idx]
             gate, up = nn.functional.linear(current_state, gate_up).chunk(2, dim=-1)

@@ -40,7 +40,7 @@ class CrossLayerGate(Predictor):
             raise ValueError(f"score must be 'softmax' or 'sigmoid', got {score!r}")
         if not router_weights:
             raise ValueError("router_weights is empty: give one [E, H] weight per MoE layer")
-        self.router_weights = [w.detach() for w in router_weights]
+        self.router_weights = [w.detach().float() for w in router_weights]  # fp32 once, not per call
         shapes = {tuple(w.shape) for w in self.router_weights}
         if len(shapes) != 1 or len(next(iter(shapes))) != 2:
             raise ValueError(f"router weights must all be [E, H] of one shape, got {sorted(shapes)}")
@@ -58,7 +58,7 @@ class CrossLayerGate(Predictor):
         if target >= len(self.router_weights):
             raise ValueError(f"layer {target} is past the last MoE layer ({len(self.router_weights) - 1})")
         w = self.router_weights[target]
-        logits = torch.nn.functional.linear(ctx.gate_input.to(torch.float32), w.to(torch.float32))  # [T, E]
+        logits = torch.nn.functional.linear(ctx.gate_input.to(torch.float32), w)  # [T, E]
         if self.score == "softmax":
             return logits.softmax(dim=-1)
         probs = logits.sigmoid()
