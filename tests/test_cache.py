@@ -115,3 +115,28 @@ def test_read_error_at_run_time_names_the_file(tiny_checkpoint, tmp_path):
 def test_unknown_policy_is_rejected_before_loading(tiny_checkpoint):
     with pytest.raises(ValueError, match="unknown cache policy 'fifo'; choose one of"):
         _load(tiny_checkpoint("mixtral"), policy="fifo")
+
+
+def test_prefetches_queue_behind_the_layers_demand_loads(tiny_checkpoint):
+    """The engine asks for the next layer's experts only after this layer's misses are queued, so a
+    demand load never waits behind a prefetch the I/O threads picked up first."""
+    path = tiny_checkpoint("mixtral")
+    model = _load(path, budget=0.25, predictor="cross_layer_gate")
+    engine, mover = model.engine, model.engine.mover
+    runs: list[list[bool]] = []  # per decode-step layer run: prefetch flag of each read it submitted
+    real_submit, real_forward = mover.submit, engine.experts_forward
+
+    def recording_submit(loc, slot, slot_index, key, prefetch=False):
+        runs[-1].append(prefetch)
+        return real_submit(loc, slot, slot_index, key, prefetch=prefetch)
+
+    def recording_forward(layer, hidden_states, *args):
+        runs.append([])
+        return real_forward(layer, hidden_states, *args)
+
+    mover.submit, engine.experts_forward = recording_submit, recording_forward
+    model.generate(torch.tensor([[5, 6, 7, 8, 9, 10]]), max_new_tokens=8, do_sample=False)
+    decode = runs[len(engine.layers):]  # one token per step: no waves
+    assert any(any(r) for r in decode) and any(not all(r) for r in decode if r)
+    for reads in decode:
+        assert reads == sorted(reads), reads  # every demand load (False) before any prefetch (True)
