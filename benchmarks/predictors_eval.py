@@ -5,9 +5,9 @@ history predictor on the other three and score it on the held-out one (recall@6 
 distances 1, 2, 3, per layer pair). The learned predictor trains on two of the three training domains
 and calibrates on the third (see ``predictors/learned.py``); its order is the sorted domain names.
 
-Part 2 (default model, when a trace of its validation text with gate inputs exists): the cross-layer
-gate (the model's own routers) and the learned gate-input predictor, trained on a trace of the model's
-training text recorded here with ``moe-engine trace --gate-inputs``, scored on the validation trace.
+Part 2 (default model): the cross-layer gate (the model's own routers) and the learned gate-input
+predictor, trained on a trace of the model's training text and scored on a trace of its held-out
+validation documents, both recorded here with ``moe-engine trace --gate-inputs``.
 
 Writes ``benchmarks/results/predictors_eval.json``; every figure comes from this run. Learned models are
 saved under ``.cache/predictors/`` (reused by ``cache_policies_eval.py``; ``--reuse`` loads them instead
@@ -17,7 +17,7 @@ Usage::
 
     python -m benchmarks.predictors_eval                       # both parts, about an hour on 2 busy cores
     python -m benchmarks.predictors_eval --skip-default-model
-    python -m benchmarks.predictors_eval --skip-lodo --val-trace /work/traces_local/default-val.npz
+    python -m benchmarks.predictors_eval --skip-lodo
 """
 
 from __future__ import annotations
@@ -101,19 +101,25 @@ def lodo(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def record_train_trace(out: Path, docs: int, chars: int) -> Path:
-    """A gate-input trace of the default model on the first ``chars`` characters of ``docs`` training
-    documents (shuffled with a fixed seed), recorded with ``moe-engine trace``."""
+def record_trace(out: Path, split: str, docs: int | None, chars: int) -> Path:
+    """A gate-input trace of the default model on the first ``chars`` characters of ``docs`` documents
+    of the training (shuffled with a fixed seed) or validation split (all of them when ``docs`` is
+    None), recorded with ``moe-engine trace``."""
     import random
 
     from benchmarks.train_default_model import fetch_corpus, load_documents, split_documents
 
-    train_docs, _ = split_documents(load_documents(fetch_corpus(REPO / ".cache" / "corpus")))
-    random.Random(0).shuffle(train_docs)
+    train_docs, val_docs = split_documents(load_documents(fetch_corpus(REPO / ".cache" / "corpus")))
+    chosen = train_docs if split == "training" else val_docs
+    if split == "training":
+        random.Random(0).shuffle(chosen)
+    chosen = chosen[:docs] if docs is not None else chosen
+    out.parent.mkdir(parents=True, exist_ok=True)
     text = out.with_suffix(".txt")
-    text.write_text("\n".join(d["text"][:chars] for d in train_docs[:docs]))
+    text.write_text("\n".join(d["text"][:chars] for d in chosen))
+    seed = " (seed 0)" if split == "training" else ""
     cmd = [sys.executable, "-m", "moe_engine", "trace", "--text", str(text), "--gate-inputs", "--out", str(out),
-           "--dataset", f"default-model training split: first {chars} chars of {docs} documents (seed 0)"]
+           "--dataset", f"default-model {split} split: first {chars} chars of {len(chosen)} documents{seed}"]
     log("+ " + " ".join(cmd))
     subprocess.run(cmd, check=True, cwd=REPO)
     return out
@@ -126,12 +132,14 @@ def default_model(args: argparse.Namespace) -> dict[str, Any]:
     from predictors.evaluate import evaluate_predictor
 
     val_path = Path(args.val_trace)
+    if not val_path.exists():
+        record_trace(val_path, "validation", None, args.val_chars)
     val = load_trace(val_path)
     if val.gate_inputs is None:
         raise SystemExit(f"{val_path} has no gate inputs: record it with `moe-engine trace --gate-inputs`")
     train_path = Path(args.models) / "default-train.npz"
     if not (args.reuse and train_path.exists()):
-        record_train_trace(train_path, args.train_docs, args.train_chars)
+        record_trace(train_path, "training", args.train_docs, args.train_chars)
     train = load_trace(train_path)
     rows = []
     for name in ("cross_layer_gate", "mlp_gate", "mlp_history", "transition_ho"):
@@ -180,8 +188,10 @@ def default_model(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--traces", default=str(SHARED), help="folder of the shared dsv2lite-esft-*.npz traces")
-    p.add_argument("--val-trace", default="/work/traces_local/default-val.npz",
-                   help="default-model validation trace with gate inputs (part 2 is skipped when missing)")
+    p.add_argument("--val-trace", default=str(REPO / ".cache" / "predictors" / "default-val.npz"),
+                   help="default-model validation trace with gate inputs; recorded from the held-out "
+                        "documents (first --val-chars characters of each) when missing")
+    p.add_argument("--val-chars", type=int, default=8000, help="characters taken from each validation document")
     p.add_argument("--models", default=str(REPO / ".cache" / "predictors"), help="where learned models are saved")
     p.add_argument("--epochs", type=int, default=3, help="epochs of the learned history predictor (part 1)")
     p.add_argument("--default-epochs", type=int, default=4, help="epochs of the learned predictors (part 2)")
@@ -205,10 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_lodo:
         report["shared_traces_lodo"] = lodo(args)
     if not args.skip_default_model:
-        if Path(args.val_trace).exists():
-            report["default_model"] = default_model(args)
-        else:
-            log(f"{args.val_trace} does not exist: part 2 skipped")
+        report["default_model"] = default_model(args)
     report["wall_seconds"] = time.perf_counter() - t0
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(report, indent=1))

@@ -63,7 +63,8 @@ class Engine:
         self.budget_bytes = budget_bytes
         self.predictor = predictor
         self.device = device
-        self._history: list[torch.Tensor] = []
+        self._history: torch.Tensor | None = None  # [T, L, K] experts chosen so far in this forward pass
+        self._history_len = 0
 
     # ------------------------------------------------------------------ stats
     @property
@@ -113,12 +114,18 @@ class Engine:
         from predictors.base import PredictionContext
 
         t0 = time.perf_counter()
-        if layer == 0 or len(self._history) != layer or (self._history and self._history[0].shape[0] != top_k_index.shape[0]):
-            self._history = []
-        self._history.append(top_k_index)
-        if len(self._history) != layer + 1:  # a layer was skipped (should not happen): no history to trust
+        # The forward pass's experts so far, [T, L, K], written layer by layer (views, no re-stacking).
+        hist = self._history
+        fits = hist is not None and hist.shape[0] == top_k_index.shape[0] and hist.shape[2] == top_k_index.shape[1]
+        if layer == 0 and not fits:
+            hist = self._history = top_k_index.new_empty(top_k_index.shape[0], self.num_layers, top_k_index.shape[1])
+        elif layer != 0 and (not fits or self._history_len != layer):
+            self._history_len = -1  # a layer was skipped or the batch changed (should not happen): no history
             return
-        ctx = PredictionContext(layer=layer, history=torch.stack(self._history, dim=1), gate_input=hidden)
+        assert hist is not None
+        hist[:, layer] = top_k_index
+        self._history_len = layer + 1
+        ctx = PredictionContext(layer=layer, history=hist[:, : layer + 1], gate_input=hidden)
         ranked: list[ExpertKey] = []
         for d in range(1, self.config.prefetch_distance + 1):
             target = layer + d
@@ -156,7 +163,7 @@ class Engine:
         experts = [e for e in hit if e != num_experts]
         # Prefetches for the next layers are issued once this layer's demand loads are queued.
         after_submit = None
-        if self.predictor is not None:
+        if self.predictor is not None and layer + 1 < self.num_layers:  # nothing to predict after the last layer
             after_submit = functools.partial(self._prefetch, layer, hidden_states, top_k_index, experts)
 
         outputs: list[tuple[int, torch.Tensor, torch.Tensor]] = []

@@ -7,7 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.bench_offload import BenchSettings, checkpoint_bytes, parse_systems, run_benchmark
+from benchmarks.bench_offload import (
+    BenchSettings,
+    RunResult,
+    checkpoint_bytes,
+    measure_read_rate,
+    median_run,
+    parse_systems,
+    prefetch_ceiling,
+    run_benchmark,
+)
 from benchmarks.make_checkpoint import CheckpointSpec, ensure_checkpoint
 from moe_engine.cli import main
 
@@ -77,7 +86,13 @@ def test_bench_cli_end_to_end(tiny_bench_checkpoint: Path, tmp_path: Path,
             assert 0 < r["cgroup_peak_generate_bytes"] <= r["cgroup_peak_bytes"] <= r["memory_cap_bytes"]
             assert r["peak_memory_bytes"] == r["cgroup_peak_bytes"]
     checked = [c["name"] for c in report["checks"]]
-    assert len(checked) == 1 + with_prefetch and "accelerate_cold@0.25" in checked[0]
+    # lru vs accelerate_cold; with prefetch also prefetch vs accelerate_cold and prefetch vs lru.
+    assert len(checked) == 1 + 2 * with_prefetch and "accelerate_cold@0.25" in checked[0]
+    if with_prefetch:
+        assert checked[1].startswith("prefetch@0.25") and "accelerate_cold@0.25" in checked[1]
+        # No lru@1 run here, so no ceiling for prefetching; the read rate was measured all the same.
+        assert checked[2].startswith("prefetch@0.25 decode >=") and report["checks"][2]["ceiling"] is None
+        assert report["read_rate"]["read_gbytes_per_s"] > 0
     out = capsys.readouterr().out
     assert "accelerate_cold@0.25" in out and "decode" in out
 
@@ -123,3 +138,41 @@ def test_bench_cli_rejects_bad_input(tmp_path: Path, capsys: pytest.CaptureFixtu
     with pytest.raises(SystemExit):
         main(["bench", "--budgets", "0.25,half"])
     assert "expected comma-separated fractions" in capsys.readouterr().err
+
+
+def test_cold_read_rate_reads_every_expert_once(tiny_bench_checkpoint: Path) -> None:
+    rate = measure_read_rate(tiny_bench_checkpoint, threads=2)
+    assert rate["bytes"] == TINY.total_expert_bytes and rate["experts"] == TINY.num_layers * TINY.num_experts
+    assert rate["read_gbytes_per_s"] > 0
+    capped = measure_read_rate(tiny_bench_checkpoint, max_bytes=1, threads=1)
+    assert capped["experts"] == 1 and capped["bytes"] == TINY.expert_bytes
+
+
+def _run(label: str, tok_s: float | None, status: str = "ok", **kw) -> RunResult:
+    return RunResult(label=label, system=label.split("@")[0], budget=0.25, status=status, decode_tok_s=tok_s, **kw)
+
+
+def test_median_run_picks_one_real_run() -> None:
+    runs = [_run("lru@0.25", 3.0, wall_s=1.0), _run("lru@0.25", 1.0, wall_s=2.0), _run("lru@0.25", 2.0, wall_s=3.0)]
+    assert median_run(runs).wall_s == 3.0
+    assert median_run(runs[:2]).decode_tok_s == 1.0  # even count: the lower middle, not an average
+    failed = [_run("lru@0.25", None, status="timed_out"), _run("lru@0.25", 2.0)]
+    assert median_run(failed).decode_tok_s == 2.0
+    assert median_run(failed[:1]).status == "timed_out"
+    with pytest.raises(ValueError, match="repeats must be at least 1"):
+        BenchSettings(model_path="x", repeats=0)
+
+
+def test_prefetch_ceiling_is_reads_or_compute_bound() -> None:
+    # LRU: 1 s per token moving 1 GB per token; every expert resident: 0.1 s per token.
+    lru = _run("lru@0.25", 1.0, decode_s=10.0, new_tokens=11,
+               engine_decode_stats={"stall_seconds": 6.0, "bytes_moved": 10e9, "prefetch_bytes": 0, "misses": 10,
+                                    "hit_rate": 0.2, "prefetches": 0, "prefetch_accuracy": None,
+                                    "wasted_prefetches": 0})
+    resident = _run("lru@1", 10.0, decode_s=1.0, new_tokens=11)
+    io_bound = prefetch_ceiling(lru, resident, {"read_gbytes_per_s": 2.0})
+    assert io_bound is not None and io_bound["read_s_per_token"] == pytest.approx(0.5)
+    assert io_bound["speedup"] == pytest.approx(2.0)  # 1 s / max(0.1 s compute, 0.5 s reads)
+    compute_bound = prefetch_ceiling(lru, resident, {"read_gbytes_per_s": 100.0})
+    assert compute_bound is not None and compute_bound["speedup"] == pytest.approx(10.0)
+    assert prefetch_ceiling(lru, None, {"read_gbytes_per_s": 2.0}) is None

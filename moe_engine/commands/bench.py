@@ -98,6 +98,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="kernel-enforced memory cap for each run: 'cgroup' (a fresh memory cgroup per "
                              "run, the same limit for every system at a budget, page cache included) or "
                              "'none' (default: cgroup when this machine allows it, else none with a note)")
+    parser.add_argument("--repeats", type=int, default=1, metavar="N",
+                        help="rounds over all systems, interleaved (A B C, A B C, ...); each system is "
+                             "reported by its median-speed run, every round's speeds are kept in the JSON "
+                             "(default: %(default)s)")
     parser.add_argument("--out", default="benchmarks/results", metavar="DIR",
                         help="folder for bench_<model>.json and .png (default: %(default)s)")
 
@@ -140,6 +144,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.decode_tokens < 1 or args.prompt_tokens < 1:
         raise UserError("--decode-tokens and --prompt-tokens must be at least 1")
+    if args.repeats < 1:
+        raise UserError("--repeats must be at least 1")
     try:
         runs = parse_systems(args.systems, args.budgets, args.ref_budget)
     except ValueError as exc:
@@ -159,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
     settings = BenchSettings(
         model_path=str(path), model_name=name, systems=tuple(r.label for r in runs), ref_budget=args.ref_budget,
         prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens, seed=args.seed,
-        timeout_s=args.timeout, threads=args.threads, memory_cap=memory_cap,
+        timeout_s=args.timeout, threads=args.threads, memory_cap=memory_cap, repeats=args.repeats,
     )
     try:
         report = run_benchmark(settings)
