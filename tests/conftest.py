@@ -99,14 +99,18 @@ def decode_trace(model, forced_tokens=None, steps: int = DECODE_STEPS) -> Decode
     The token fed at each step is the greedy choice, or ``forced_tokens[:, s]`` when given (so the engine
     is compared on exactly the golden run's inputs). Position ids follow the left padding, as generate does.
     """
+    import inspect
+
     import torch
 
+    # transformers 5.24 renamed the KV-cache argument and output field past_key_values -> cache.
+    cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     ids, mask = fixed_batch()
     with torch.no_grad():
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
         prefill = out.logits.float().clone()
-        past = out.past_key_values
+        past = getattr(out, cache_name)
         nxt = out.logits[:, -1].argmax(-1)
         steps_logits, fed = [], []
         for s in range(steps):
@@ -118,10 +122,10 @@ def decode_trace(model, forced_tokens=None, steps: int = DECODE_STEPS) -> Decode
                 input_ids=tok[:, None],
                 attention_mask=mask,
                 position_ids=pos,
-                past_key_values=past,
                 use_cache=True,
+                **{cache_name: past},
             )
-            past = out.past_key_values
+            past = getattr(out, cache_name)
             steps_logits.append(out.logits[:, -1].float().clone())
             nxt = out.logits[:, -1].argmax(-1)
         ids, mask = fixed_batch()

@@ -5,8 +5,8 @@ row 0 left-padded, through the KV cache) equal the stock model's within 1e-5, an
 is token-identical. The smallest budget holds exactly one expert, so every MoE layer (top-2, batch 2)
 needs more experts than there are slots and must run in waves.
 
-Matrix (kept small): every architecture with ``lru`` at every budget; every policy (plus "none") at every
-budget on one architecture; sharded checkpoints, a decoder_sparse_step variant, and prefetch on vs off.
+Matrix: every architecture x every policy (plus "none") x every budget; sharded checkpoints, a
+decoder_sparse_step variant, and prefetch on vs off.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from moe_engine.policies import available_policies
 
 BUDGETS = ("one_expert", 0.5, 1.0)
 POLICIES = [*available_policies(), "none"]
-POLICY_ARCH = "qwen2_moe"
 
 
 def budget_value(variant: str, budget: str | float) -> int | float:
@@ -47,19 +46,12 @@ def engine_trace(path, variant: str, budget, policy: str, want: DecodeTrace, **k
 
 
 @pytest.mark.parametrize("budget", BUDGETS, ids=str)
+@pytest.mark.parametrize("policy", POLICIES)
 @pytest.mark.parametrize("variant", ARCHITECTURES)
-def test_every_architecture_lru(tiny_checkpoint, reference, variant, budget):
+def test_every_architecture_policy_and_budget(tiny_checkpoint, reference, variant, policy, budget):
     want = reference(variant)
-    got = engine_trace(tiny_checkpoint(variant), variant, budget, "lru", want)
-    assert_same_trace(got, want, what=f"{variant} budget={budget} policy=lru")
-
-
-@pytest.mark.parametrize("budget", BUDGETS, ids=str)
-@pytest.mark.parametrize("policy", [p for p in POLICIES if p != "lru"])
-def test_every_policy(tiny_checkpoint, reference, policy, budget):
-    want = reference(POLICY_ARCH)
-    got = engine_trace(tiny_checkpoint(POLICY_ARCH), POLICY_ARCH, budget, policy, want)
-    assert_same_trace(got, want, what=f"{POLICY_ARCH} budget={budget} policy={policy}")
+    got = engine_trace(tiny_checkpoint(variant), variant, budget, policy, want)
+    assert_same_trace(got, want, what=f"{variant} budget={budget} policy={policy}")
 
 
 @pytest.mark.parametrize("budget", ["one_expert", 0.5], ids=str)
