@@ -978,7 +978,11 @@ def run_benchmark(settings: BenchSettings, *, progress: bool = True) -> dict:
     cap, cap_info = memory_cap_plan(settings, sizes, runs, progress)
     read_rate = None
     if any(r.system == "prefetch" for r in runs):
-        read_rate = measure_read_rate(settings.model_path)
+        # Best of three: the ceiling it feeds is an upper bound, and a probe that meets another job's
+        # disk writeback reads far slower than the disk can.
+        probes = [measure_read_rate(settings.model_path, seed=i) for i in range(3)]
+        read_rate = max(probes, key=lambda p: p["read_gbytes_per_s"] or 0.0)
+        read_rate["probes_gbytes_per_s"] = [p["read_gbytes_per_s"] for p in probes]
         if progress:
             tqdm.write(f"[bench] cold expert reads: {read_rate['read_gbytes_per_s'] or 0:.2f} GB/s "
                        f"({read_rate['bytes'] / 2**20:.0f} MiB, engine read path, page cache dropped)")
