@@ -54,3 +54,18 @@ def test_plan_cli_errors(tmp_path, trace_path, capsys):
     bad_plan.write_text(json.dumps({"format": "x"}))
     assert main(["plan-eval", "--plan", str(bad_plan), "--trace", str(trace_path)]) == 2
     assert "not a moe-placement/1 plan" in capsys.readouterr().err
+
+
+def test_plan_json_stdout_is_only_json(tmp_path, trace_path):
+    """Solvers print banners from native code (HiGHS on file descriptor 1); --json keeps stdout parseable."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "plan.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "moe_engine", "plan", "--trace", str(trace_path), "--devices", "4",
+         "--time-limit", "3", "--ilp", "exact", "--out", str(out), "--quiet", "--json"],
+        capture_output=True, text=True, timeout=120, check=True,
+    )
+    summary = json.loads(proc.stdout)
+    assert summary["out"] == str(out) and out.exists()

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
+from collections.abc import Iterator
 
 NAME = "plan"
 HELP = "plan expert placement across devices from routing traces (ILP over inter-layer affinity)"
@@ -92,13 +95,14 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(str(exc)) from None
     progress = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     meta = traces[0].meta
-    result = plan_placement(
-        train.expert_ids, config, weights=train.expert_weights, num_experts=num_experts,
-        moe_layers=meta.get("moe_layers"),
-        trace_info={"files": list(args.trace), "model": meta.get("model"), "tokens": train.num_tokens,
-                    "sequences": train.num_sequences, "train_fraction": args.train_fraction},
-        progress=progress, sequence_starts=train.sequence_starts, groups=groups,
-    )
+    with _native_stdout_to_stderr() if args.json else contextlib.nullcontext():
+        result = plan_placement(
+            train.expert_ids, config, weights=train.expert_weights, num_experts=num_experts,
+            moe_layers=meta.get("moe_layers"),
+            trace_info={"files": list(args.trace), "model": meta.get("model"), "tokens": train.num_tokens,
+                        "sequences": train.num_sequences, "train_fraction": args.train_fraction},
+            progress=progress, sequence_starts=train.sequence_starts, groups=groups,
+        )
     save_plan(result.plan, args.out)
     rr = round_robin_plan(train.num_layers, num_experts, args.devices, args.nodes)
     rows: list[dict] = []
@@ -123,3 +127,22 @@ def run(args: argparse.Namespace) -> int:
                   f"{m['max_load_ratio']:>13.3f}")
         print(f"{row['tokens']:<9} {'reduction':<12} {100 * row['reduction']:>8.1f}%")
     return 0
+
+
+@contextlib.contextmanager
+def _native_stdout_to_stderr() -> Iterator[None]:
+    """Send what native code writes to file descriptor 1 to stderr meanwhile (HiGHS prints its banner
+    on stdout whatever its options), so that ``--json`` leaves nothing but JSON on stdout."""
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:  # no usable stdout descriptor: nothing to protect
+        yield
+        return
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
