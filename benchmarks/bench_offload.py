@@ -36,6 +36,14 @@ Cold start, for every system alike: the parent drops the checkpoint's pages from
 starting the child, and the child drops the checkpoint's (and accelerate's offload folder's) pages
 again after loading, so generation starts with nothing cached but what the system holds itself.
 
+Repeats (``BenchSettings.repeats``): the systems run in interleaved rounds (A B C, A B C, ...) and each
+is reported by its median-speed run, so a slow spell of a shared machine does not land on one system
+alone; every round's speeds stay in the JSON (``rounds``).
+
+Prefetch ceiling: with ``prefetch`` in the run, the engine's cold read rate of whole experts is probed
+(best of three) and the prefetch check reports the most any prefetcher moving LRU's bytes could gain:
+LRU's seconds per token over max(compute with every expert resident (``lru@1``), bytes / read rate).
+
 A *budget* ``f`` is a fraction of all expert bytes. A *system label* is ``name@f`` (``lru@0.25``).
 
 Example::
@@ -1103,7 +1111,9 @@ def format_table(report: dict) -> str:
     lines.append(f"model {m['name']}: experts {m['expert_bytes'] / gib:.2f} GiB ({m['expert_dtype']}), "
                  f"other weights {m['non_expert_bytes'] / mib:.0f} MiB; prompt {report['settings']['prompt_tokens']}"
                  f" tokens, {report['settings']['decode_tokens']} decoded, batch 1, torch threads "
-                 f"{report['settings']['threads'] or 'default'}")
+                 f"{report['settings']['threads'] or 'default'}"
+                 + (f"; each system: its median run of {rounds} interleaved rounds"
+                    if (rounds := report["settings"].get("repeats", 1)) > 1 else ""))
     cap_info = report.get("memory_cap") or {}
     if cap_info.get("mode") == "cgroup":
         allowance = cap_info["runtime_allowance"]["allowance_bytes"]
@@ -1177,7 +1187,9 @@ def plot(report: dict, png_path: str | os.PathLike) -> Path:
     m = report["model"]
     fig.suptitle(f"{m['name']}: {m['expert_bytes'] / 2**30:.2f} GiB of experts, batch 1, "
                  f"{report['settings']['decode_tokens']} decoded tokens, cold page cache, "
-                 + ("kernel memory cap (cgroup) on all but accelerate_plain" if capped else "no kernel memory cap"))
+                 + ("kernel memory cap (cgroup) on all but accelerate_plain" if capped else "no kernel memory cap")
+                 + (f"\neach system: its median run of {rounds} interleaved rounds"
+                    if (rounds := report["settings"].get("repeats", 1)) > 1 else ""))
     fig.tight_layout()
     out = Path(png_path)
     out.parent.mkdir(parents=True, exist_ok=True)
