@@ -263,7 +263,9 @@ def measure_read_rate(model_path: str | os.PathLike, max_bytes: int = 512 * 2**2
     Reads whole experts (their byte-adjacent tensors as one range), in random order, on ``threads``
     threads as the engine's mover does, with the page cache dropped first and after every read
     (``CheckpointStore``'s default), up to ``max_bytes``. Used to bound what prefetching can gain: it
-    can hide reads behind compute, but the reads still take bytes / this rate.
+    can hide reads behind compute, but the reads still take bytes / this rate. (The simulator's
+    ``measure_cold_read_bandwidth`` times large sequential reads of a fresh file: a disk profile, not
+    this checkpoint's expert-sized random reads.)
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -907,8 +909,7 @@ def prefetch_ceiling(lru: RunResult, resident: RunResult | None, read_rate: dict
     rate = (read_rate or {}).get("read_gbytes_per_s")
     if prof is None or resident is None or resident.status != "ok" or not resident.decode_s or not rate:
         return None
-    steps = max(resident.new_tokens - 1, 1)
-    compute = resident.decode_s / steps
+    compute = resident.decode_s / max(resident.new_tokens - 1, 1)  # decode steps after the first token
     reads = prof["bytes_moved_per_token"] / (rate * 1e9)
     floor = max(compute, reads)
     return {"speedup": prof["decode_s_per_token"] / floor, "lru_s_per_token": prof["decode_s_per_token"],
@@ -991,8 +992,10 @@ def run_benchmark(settings: BenchSettings, *, progress: bool = True) -> dict:
         probes = [measure_read_rate(settings.model_path, seed=i) for i in range(3)]
         read_rate = max(probes, key=lambda p: p["read_gbytes_per_s"] or 0.0)
         read_rate["probes_gbytes_per_s"] = [p["read_gbytes_per_s"] for p in probes]
-        if progress:
-            tqdm.write(f"[bench] cold expert reads: {read_rate['read_gbytes_per_s'] or 0:.2f} GB/s "
+        if progress and read_rate["read_gbytes_per_s"] is None:
+            tqdm.write(f"[bench] cold expert reads not measured: {read_rate['note']} (no prefetch ceiling)")
+        elif progress:
+            tqdm.write(f"[bench] cold expert reads: {read_rate['read_gbytes_per_s']:.2f} GB/s "
                        f"({read_rate['bytes'] / 2**20:.0f} MiB, engine read path, page cache dropped)")
     # Rounds interleave the systems (A B C, A B C, ...) so that a slow spell of a shared machine does not
     # land on one system alone; each system is then represented by its median-speed run.
