@@ -48,7 +48,7 @@ A *budget* ``f`` is a fraction of all expert bytes. A *system label* is ``name@f
 
 Example::
 
-    from benchmarks.bench_offload import BenchSettings, run_benchmark, format_table
+    from moe_engine.benchmarks.bench_offload import BenchSettings, run_benchmark, format_table
     report = run_benchmark(BenchSettings(model_path="ckpt/", systems=("lru@0.25", "accelerate@0.25")))
     print(format_table(report))
 """
@@ -71,8 +71,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks.make_checkpoint import CheckpointSpec, ensure_checkpoint
-from benchmarks.memory_cap import CgroupBackend, detect_backend
+from moe_engine.benchmarks.make_checkpoint import CheckpointSpec, ensure_checkpoint
+from moe_engine.benchmarks.memory_cap import CgroupBackend, detect_backend
 
 SYSTEMS = ("lru", "prefetch", "ondemand", "accelerate", "accelerate_plain", "accelerate_cold")
 BASELINES = ("accelerate", "accelerate_plain", "accelerate_cold")
@@ -271,7 +271,7 @@ def measure_read_rate(model_path: str | os.PathLike, max_bytes: int = 512 * 2**2
 
     import torch
 
-    from moe_engine.store import CheckpointStore, ExpertLocation
+    from moe_engine.runtime.store import CheckpointStore, ExpertLocation
 
     store = CheckpointStore.open(model_path)
     try:
@@ -710,7 +710,7 @@ def measure_runtime_allowance(backend: CgroupBackend | None, threads: int | None
     The allowance is the larger of the child's peak RSS and its cgroup's peak charge."""
     with tempfile.TemporaryDirectory(prefix=".bench-allowance-", dir=work_dir) as tmp:
         path = ensure_checkpoint(Path(tmp) / "tiny", ALLOWANCE_SPEC, progress=False)
-        cmd = [sys.executable, "-m", "benchmarks.bench_offload", "--calibrate", str(path), str(threads or 0)]
+        cmd = [sys.executable, "-m", "moe_engine.benchmarks.bench_offload", "--calibrate", str(path), str(threads or 0)]
         cg = backend.create("allowance", None) if backend is not None else None
         try:
             proc = subprocess.run(cg.wrap(cmd) if cg else cmd, capture_output=True, text=True, env=_child_env(),
@@ -757,7 +757,7 @@ def run_system(run: SystemRun, settings: BenchSettings, prompt: list[int],
             spec["cgroup"] = {"path": str(cg.path), "version": cg.version}
             result.memory_cap_bytes = cg.limit_bytes
             result.memory_cap_enforced = cg.limit_bytes is not None
-        cmd = [sys.executable, "-m", "benchmarks.bench_offload", "--worker", json.dumps(spec), str(events_path)]
+        cmd = [sys.executable, "-m", "moe_engine.benchmarks.bench_offload", "--worker", json.dumps(spec), str(events_path)]
         if cg is not None:
             cmd = cg.wrap(cmd)
         t0 = time.perf_counter()

@@ -15,8 +15,8 @@ trained here).
 
 Usage::
 
-    python -m benchmarks.cache_policies_eval              # about 2 hours on 2 busy cores (--jobs 2)
-    python -m benchmarks.cache_policies_eval --domains intent --budgets 0.25 --max-tokens 2000
+    python -m moe_engine.benchmarks.cache_policies_eval              # about 2 hours on 2 busy cores (--jobs 2)
+    python -m moe_engine.benchmarks.cache_policies_eval --domains intent --budgets 0.25 --max-tokens 2000
 """
 
 from __future__ import annotations
@@ -62,9 +62,15 @@ def run_domain(test: str, args_d: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(1)
-    from moe_engine.predictor_factory import build_predictor
-    from moe_engine.simulator import SimConfig, belady_hit_rate, capacity_for, fit_policy_kwargs, simulate
-    from moe_engine.traces import RoutingTrace, load_trace
+    from moe_engine.offline.predictor_factory import build_predictor
+    from moe_engine.offline.simulator import (
+        SimConfig,
+        belady_hit_rate,
+        capacity_for,
+        fit_policy_kwargs,
+        simulate,
+    )
+    from moe_engine.offline.traces import RoutingTrace, load_trace
 
     traces = {d: load_trace(Path(args_d["traces"]) / f"dsv2lite-esft-{d}.npz") for d in DOMAINS}
     train = [traces[d] for d in DOMAINS if d != test]
@@ -195,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         "protocol": "leave-one-domain-out over the four shared DeepSeek-V2-Lite traces; one cache shared by all "
                     "26 MoE layers, capacity = budget x 1,664 experts; decode order; demand hit rate over all "
                     "token x layer x top-6 accesses; Belady = offline optimum without prefetch",
-        "command": "python -m benchmarks.cache_policies_eval " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m moe_engine.benchmarks.cache_policies_eval " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform()},
         "prefetch_settings": PREFETCH,
         "domains": results,

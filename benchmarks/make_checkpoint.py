@@ -17,7 +17,7 @@ the residual stream would be re-drawn by each layer and routing would be unpredi
 
 Example::
 
-    from benchmarks.make_checkpoint import CheckpointSpec, ensure_checkpoint
+    from moe_engine.benchmarks.make_checkpoint import CheckpointSpec, ensure_checkpoint
     path = ensure_checkpoint("~/.cache/moe-engine/bench-mixtral-2g", CheckpointSpec())
 """
 

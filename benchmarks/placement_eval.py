@@ -12,7 +12,7 @@ Sections (each a fresh run of the planner on the same inputs as its baselines):
   on 8 / 32 / 64 devices in 1 / 4 / 8 nodes, planned within the time limit, against the planted plan,
   measured on held-out synthetic tokens.
 
-Run:  python -m benchmarks.placement_eval [--time-limit 20] [--sections in-domain,lodo,scale]
+Run:  python -m moe_engine.benchmarks.placement_eval [--time-limit 20] [--sections in-domain,lodo,scale]
 Writes benchmarks/results/placement_eval.json (rewritten after every section).
 """
 
@@ -25,11 +25,17 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-from placement import PlacementPlan, PlannerConfig, Topology, compute_affinity, evaluate_plan, plan_placement
-from placement.affinity import select_rows
-from placement.search import improve_layer_swaps, layer_cost_matrix, placement_cost
-from placement.synthetic import planted_assignment, planted_trace
+from moe_engine.placement import (
+    PlacementPlan,
+    PlannerConfig,
+    Topology,
+    compute_affinity,
+    evaluate_plan,
+    plan_placement,
+)
+from moe_engine.placement.affinity import select_rows
+from moe_engine.placement.search import improve_layer_swaps, layer_cost_matrix, placement_cost
+from moe_engine.placement.synthetic import planted_assignment, planted_trace
 
 ROOT = Path(__file__).resolve().parents[1]
 TRACES = ROOT.parent / "shared" / "traces"
@@ -44,7 +50,7 @@ def load_domain(name: str) -> tuple[np.ndarray, np.ndarray]:
 
 def split(ids: np.ndarray, starts: np.ndarray, fraction: float = 0.7):
     """(train ids, train sequence starts), test ids: the first ``fraction`` of the sequences and the rest
-    (as moe_engine.traces.RoutingTrace.split_sequences)."""
+    (as moe_engine.offline.traces.RoutingTrace.split_sequences)."""
     n = len(starts) - 1
     cut = min(max(1, int(round(n * fraction))), n - 1)
     return (ids[select_rows(starts, range(cut))], starts[: cut + 1]), ids[select_rows(starts, range(cut, n))]

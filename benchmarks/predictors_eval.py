@@ -15,9 +15,9 @@ of training).
 
 Usage::
 
-    python -m benchmarks.predictors_eval                       # both parts, about an hour on 2 busy cores
-    python -m benchmarks.predictors_eval --skip-default-model
-    python -m benchmarks.predictors_eval --skip-lodo
+    python -m moe_engine.benchmarks.predictors_eval                       # both parts, about an hour on 2 busy cores
+    python -m moe_engine.benchmarks.predictors_eval --skip-default-model
+    python -m moe_engine.benchmarks.predictors_eval --skip-lodo
 """
 
 from __future__ import annotations
@@ -45,9 +45,10 @@ def log(msg: str) -> None:
 
 
 def lodo(args: argparse.Namespace) -> dict[str, Any]:
-    from moe_engine.predictor_factory import build_predictor
-    from moe_engine.traces import load_trace
-    from predictors.evaluate import evaluate_predictor
+    from moe_engine.predictors.evaluate import evaluate_predictor
+
+    from moe_engine.offline.predictor_factory import build_predictor
+    from moe_engine.offline.traces import load_trace
 
     traces = {d: load_trace(Path(args.traces) / f"dsv2lite-esft-{d}.npz") for d in DOMAINS}
     models = Path(args.models)
@@ -107,7 +108,7 @@ def record_trace(out: Path, split: str, docs: int | None, chars: int) -> Path:
     None), recorded with ``moe-engine trace``."""
     import random
 
-    from benchmarks.train_default_model import fetch_corpus, load_documents, split_documents
+    from moe_engine.benchmarks.train_default_model import fetch_corpus, load_documents, split_documents
 
     train_docs, val_docs = split_documents(load_documents(fetch_corpus(REPO / ".cache" / "corpus")))
     chosen = train_docs if split == "training" else val_docs
@@ -126,10 +127,11 @@ def record_trace(out: Path, split: str, docs: int | None, chars: int) -> Path:
 
 
 def default_model(args: argparse.Namespace) -> dict[str, Any]:
+    from moe_engine.predictors.evaluate import evaluate_predictor
+
     from moe_engine.default_model import default_model_path
-    from moe_engine.predictor_factory import build_predictor
-    from moe_engine.traces import load_trace
-    from predictors.evaluate import evaluate_predictor
+    from moe_engine.offline.predictor_factory import build_predictor
+    from moe_engine.offline.traces import load_trace
 
     val_path = Path(args.val_trace)
     if not val_path.exists():
@@ -210,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = json.loads(out_path.read_text()) if out_path.exists() else {}
     report["machine"] = {"python": platform.python_version(), "torch": torch.__version__,
                          "platform": platform.platform(), "cpus": __import__("os").cpu_count()}
-    report["command"] = "python -m benchmarks.predictors_eval " + " ".join(argv if argv is not None else sys.argv[1:])
+    report["command"] = "python -m moe_engine.benchmarks.predictors_eval " + " ".join(argv if argv is not None else sys.argv[1:])
     t0 = time.perf_counter()
     if not args.skip_lodo:
         report["shared_traces_lodo"] = lodo(args)

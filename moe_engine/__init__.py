@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from moe_engine.loader import from_pretrained as from_pretrained
+    from moe_engine.runtime.loader import from_pretrained as from_pretrained
 
 
 def __getattr__(name: str) -> Any:
     # Lazy: importing moe_engine (e.g. for the CLI's --help) must not import torch/transformers.
     if name == "from_pretrained":
-        from moe_engine.loader import from_pretrained
+        from moe_engine.runtime.loader import from_pretrained
 
         return from_pretrained
     if name == "default_model_path":

@@ -10,14 +10,14 @@ of ``moe_engine``. Entry points:
 
 Example::
 
-    from placement import PlannerConfig, plan_placement, evaluate_plan
+    from moe_engine.placement import PlannerConfig, plan_placement, evaluate_plan
     result = plan_placement(expert_ids, PlannerConfig(num_devices=8, time_limit=30))
     evaluate_plan(result.plan, held_out_ids).cross_device_share
 """
 
-from placement.affinity import Affinity, compute_affinity
-from placement.ilp import IlpResult, available_solver, solve_ilp
-from placement.plan import (
+from moe_engine.placement.affinity import Affinity, compute_affinity
+from moe_engine.placement.ilp import IlpResult, available_solver, solve_ilp
+from moe_engine.placement.plan import (
     FORMAT,
     PlacementPlan,
     PlanMetrics,
@@ -27,8 +27,14 @@ from placement.plan import (
     round_robin_plan,
     save_plan,
 )
-from placement.planner import PlannerConfig, PlanResult, capacity_for, plan_placement, relaxation_bound
-from placement.topology import Topology
+from moe_engine.placement.planner import (
+    PlannerConfig,
+    PlanResult,
+    capacity_for,
+    plan_placement,
+    relaxation_bound,
+)
+from moe_engine.placement.topology import Topology
 
 __all__ = [
     "FORMAT",

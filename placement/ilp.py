@@ -35,9 +35,8 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-
-from placement.search import one_hot, placement_cost
-from placement.topology import Topology
+from moe_engine.placement.search import one_hot, placement_cost
+from moe_engine.placement.topology import Topology
 
 SOLVERS = ("auto", "highs", "cbc")
 

@@ -35,10 +35,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from placement.affinity import validate_expert_ids
-from placement.search import round_robin
-from placement.topology import Topology
+from moe_engine.placement.affinity import validate_expert_ids
+from moe_engine.placement.search import round_robin
+from moe_engine.placement.topology import Topology
 
 FORMAT = "moe-placement/1"
 

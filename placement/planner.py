@@ -29,13 +29,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-
-from placement.affinity import Affinity, compute_affinity, select_rows, validate_expert_ids
-from placement.ilp import available_solver, solve_ilp
-from placement.plan import PlacementPlan
-from placement.replication import add_replicas
-from placement.search import chain_start, descend, placement_cost, round_robin
-from placement.topology import Topology
+from moe_engine.placement.affinity import Affinity, compute_affinity, select_rows, validate_expert_ids
+from moe_engine.placement.ilp import available_solver, solve_ilp
+from moe_engine.placement.plan import PlacementPlan
+from moe_engine.placement.replication import add_replicas
+from moe_engine.placement.search import chain_start, descend, placement_cost, round_robin
+from moe_engine.placement.topology import Topology
 
 # Candidate affinity powers for validation (affinity_power=None) and the share of time it may use.
 POWER_CANDIDATES = (1.0, 0.75, 0.5)

@@ -16,10 +16,9 @@ Example::
 from __future__ import annotations
 
 import numpy as np
-
-from placement.plan import Replica
-from placement.search import group_rows
-from placement.topology import Topology
+from moe_engine.placement.plan import Replica
+from moe_engine.placement.search import group_rows
+from moe_engine.placement.topology import Topology
 
 
 def add_replicas(

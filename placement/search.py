@@ -23,8 +23,7 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-
-from placement.assignment import capacitated_assignment, improve_assignment, linear_assignment
+from moe_engine.placement.assignment import capacitated_assignment, improve_assignment, linear_assignment
 
 TOL = 1e-9
 

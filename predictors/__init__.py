@@ -3,7 +3,7 @@
 Policy only: no devices, no I/O, no import of ``moe_engine`` or ``placement``. See ``base.py``.
 """
 
-from predictors.base import (
+from moe_engine.predictors.base import (
     PredictionContext,
     Predictor,
     TraceLike,

@@ -22,7 +22,7 @@ evaluation and the cache simulator need; subclasses override it with a batched v
 
 Fitted predictors build from traces with ``cls.fit(traces, **options)``, where a trace is any object
 with ``expert_ids [T, L, K]``, ``sequence_starts [S + 1]``, ``num_experts`` and optionally
-``gate_inputs [T, L, H]`` (``moe_engine.traces.RoutingTrace`` fits; this package does not import it).
+``gate_inputs [T, L, H]`` (``moe_engine.offline.traces.RoutingTrace`` fits; this package does not import it).
 
 Example::
 
@@ -82,7 +82,7 @@ def _load_builtin() -> None:
     # Importing the implementation modules registers them; done lazily to avoid import cycles.
     import importlib
 
-    for mod in ("predictors.gate", "predictors.transitions", "predictors.learned", "predictors.simple"):
+    for mod in ("moe_engine.predictors.gate", "moe_engine.predictors.transitions", "moe_engine.predictors.learned", "moe_engine.predictors.simple"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as exc:

@@ -16,8 +16,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
-
-from predictors.base import Predictor, TraceLike
+from moe_engine.predictors.base import Predictor, TraceLike
 
 
 @dataclass

@@ -7,7 +7,7 @@ Shapes: T tokens, H hidden, E experts. ``router_weights[l]``: ``[E, H]``; ``gate
 Scores are router probabilities: softmax over experts, or sigmoid (+ optional per-layer correction
 bias, DeepSeek-V3) for sigmoid routers.
 
-NOTE: ``moe_engine.loader`` builds this with the keyword arguments ``router_weights``, ``score`` and
+NOTE: ``moe_engine.runtime.loader`` builds this with the keyword arguments ``router_weights``, ``score`` and
 ``biases``; keep them.
 
 Example::
@@ -22,8 +22,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-
-from predictors.base import PredictionContext, Predictor, TraceLike, register_predictor
+from moe_engine.predictors.base import PredictionContext, Predictor, TraceLike, register_predictor
 
 
 @register_predictor("cross_layer_gate")

@@ -53,9 +53,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from moe_engine.predictors.base import PredictionContext, Predictor, TraceLike, register_predictor
 from torch import nn
-
-from predictors.base import PredictionContext, Predictor, TraceLike, register_predictor
 
 _NO_MATCH = -1
 

@@ -14,8 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from predictors.base import PredictionContext, Predictor, TraceLike, register_predictor
+from moe_engine.predictors.base import PredictionContext, Predictor, TraceLike, register_predictor
 
 
 def expert_counts(traces: Sequence[TraceLike], num_experts: int | None = None) -> np.ndarray:

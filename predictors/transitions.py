@@ -26,9 +26,8 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from predictors.base import PredictionContext, Predictor, TraceLike, register_predictor
-from predictors.simple import expert_counts
+from moe_engine.predictors.base import PredictionContext, Predictor, TraceLike, register_predictor
+from moe_engine.predictors.simple import expert_counts
 
 
 def _multi_hot(ids: np.ndarray, num_experts: int) -> np.ndarray:

@@ -6,8 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-
-from benchmarks.bench_offload import (
+from moe_engine.benchmarks.bench_offload import (
     BenchSettings,
     RunResult,
     checkpoint_bytes,
@@ -17,7 +16,8 @@ from benchmarks.bench_offload import (
     prefetch_ceiling,
     run_benchmark,
 )
-from benchmarks.make_checkpoint import CheckpointSpec, ensure_checkpoint
+from moe_engine.benchmarks.make_checkpoint import CheckpointSpec, ensure_checkpoint
+
 from moe_engine.cli import main
 
 TINY = CheckpointSpec(num_layers=2, num_experts=4, hidden_size=64, intermediate_size=128, num_heads=4,
@@ -48,7 +48,7 @@ def test_generated_checkpoint_is_a_complete_mixtral(tiny_bench_checkpoint: Path)
 
 def test_bench_cli_end_to_end(tiny_bench_checkpoint: Path, tmp_path: Path,
                                      capsys: pytest.CaptureFixture[str]) -> None:
-    from predictors import available_predictors
+    from moe_engine.predictors import available_predictors
 
     # The prefetching system needs the cross-layer-gate predictor (predictors/gate.py). Each system is a
     # subprocess importing torch and transformers; to keep this test short, "ondemand" (which differs
@@ -106,7 +106,7 @@ def test_a_run_past_its_timeout_is_reported_as_timed_out(tiny_bench_checkpoint: 
 
 
 def test_a_run_killed_at_the_memory_cap_is_reported_as_such(tiny_bench_checkpoint: Path) -> None:
-    from benchmarks.memory_cap import detect_backend
+    from moe_engine.benchmarks.memory_cap import detect_backend
 
     backend, why = detect_backend()
     if backend is None:

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoConfig
 
 import moe_engine
-from moe_engine.store import CheckpointError
+from moe_engine.runtime.store import CheckpointError
 
 
 def _load(path, **kw):

@@ -16,7 +16,7 @@ import torch
 from conftest import DecodeTrace, assert_same_trace, decode_trace
 from tiny_models import ARCHITECTURES, expert_bytes, tiny_config
 
-from moe_engine.policies import available_policies
+from moe_engine.runtime.policies import available_policies
 
 BUDGETS = ("one_expert", 0.5, 1.0)
 POLICIES = [*available_policies(), "none"]
@@ -77,7 +77,7 @@ def test_decoder_sparse_step(tiny_checkpoint, reference, budget):
 @pytest.mark.parametrize("variant", ["mixtral", "deepseek_v3", "qwen3_moe"])
 def test_prefetch_changes_nothing(tiny_checkpoint, reference, variant, budget):
     """Cross-layer-gate prefetch on vs off: same logits, same tokens, both equal to stock."""
-    from predictors import available_predictors
+    from moe_engine.predictors import available_predictors
 
     if "cross_layer_gate" not in available_predictors():
         pytest.skip("predictor 'cross_layer_gate' is not registered yet")

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from placement import (
+from moe_engine.placement import (
     FORMAT,
     PlacementPlan,
     PlannerConfig,
@@ -25,9 +24,9 @@ from placement import (
     save_plan,
     solve_ilp,
 )
-from placement.assignment import capacitated_assignment, improve_assignment, linear_assignment
-from placement.search import placement_cost
-from placement.synthetic import planted_assignment, planted_trace
+from moe_engine.placement.assignment import capacitated_assignment, improve_assignment, linear_assignment
+from moe_engine.placement.search import placement_cost
+from moe_engine.placement.synthetic import planted_assignment, planted_trace
 
 TRACES = Path(__file__).resolve().parents[1].parent / "shared" / "traces"
 
@@ -101,7 +100,7 @@ def test_planner_small_instance_is_exact_and_bounds_hold():
     rng = np.random.default_rng(3)
     pairs = random_pairs(rng, 3, 8)
     load = np.ones((3, 8))
-    from placement.affinity import Affinity
+    from moe_engine.placement.affinity import Affinity
 
     aff = Affinity(pairs=pairs, load=load)
     topo = Topology(4)
@@ -256,7 +255,7 @@ def test_time_limit_is_honoured_at_deepseek_v3_shape():
 def test_real_trace_beats_round_robin_on_held_out_sequences():
     data = np.load(TRACES / "dsv2lite-esft-law.npz")
     ids, starts = data["expert_ids"], data["sequence_starts"]
-    from placement.affinity import select_rows
+    from moe_engine.placement.affinity import select_rows
 
     cut = int(round(0.7 * (len(starts) - 1)))
     train, test = ids[select_rows(starts, range(cut))], ids[select_rows(starts, range(cut, len(starts) - 1))]

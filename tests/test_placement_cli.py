@@ -6,11 +6,11 @@ import json
 
 import numpy as np
 import pytest
+from moe_engine.placement import load_plan
+from moe_engine.placement.synthetic import planted_trace
 
 from moe_engine.cli import main
-from moe_engine.traces import RoutingTrace
-from placement import load_plan
-from placement.synthetic import planted_trace
+from moe_engine.offline.traces import RoutingTrace
 
 
 @pytest.fixture()

@@ -6,7 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from moe_engine.policies import (
+from moe_engine.offline.simulator import SimConfig, simulate
+from moe_engine.offline.traces import RoutingTrace
+from moe_engine.runtime.policies import (
     DEFAULT_REUSE_WEIGHTS,
     REUSE_FEATURES,
     ReuseFeatures,
@@ -14,8 +16,6 @@ from moe_engine.policies import (
     fit_reuse_weights,
     make_policy,
 )
-from moe_engine.simulator import SimConfig, simulate
-from moe_engine.traces import RoutingTrace
 
 
 def drive(policy, events):

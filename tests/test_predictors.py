@@ -8,14 +8,14 @@ import json
 import numpy as np
 import pytest
 import torch
+from moe_engine.predictors import PredictionContext, available_predictors, make_predictor, predictor_class
+from moe_engine.predictors.evaluate import evaluate_predictor, score_layers, topk_hits
+from moe_engine.predictors.learned import GateMLP, HistoryMLP, path_matches, trace_path_matches
+from moe_engine.predictors.simple import Popularity
+from moe_engine.predictors.transitions import HigherOrderTransitionPredictor, TransitionPredictor
 
 from moe_engine.cli import main
-from moe_engine.traces import RoutingTrace
-from predictors import PredictionContext, available_predictors, make_predictor, predictor_class
-from predictors.evaluate import evaluate_predictor, score_layers, topk_hits
-from predictors.learned import GateMLP, HistoryMLP, path_matches, trace_path_matches
-from predictors.simple import Popularity
-from predictors.transitions import HigherOrderTransitionPredictor, TransitionPredictor
+from moe_engine.offline.traces import RoutingTrace
 
 L, E, K = 4, 8, 2
 
@@ -210,8 +210,8 @@ def test_eval_predictors_cli_json(tmp_path, capsys):
 def test_router_predictor_reads_the_checkpoint_routers(tiny_checkpoint, variant):
     from transformers import AutoModelForCausalLM
 
-    from moe_engine.adapters import moe_blocks
-    from moe_engine.predictor_factory import router_predictor
+    from moe_engine.offline.predictor_factory import router_predictor
+    from moe_engine.runtime.adapters import moe_blocks
 
     path = tiny_checkpoint(variant)
     pred = router_predictor(path)
@@ -229,7 +229,7 @@ def test_router_predictor_reads_the_checkpoint_routers(tiny_checkpoint, variant)
 
 
 def test_generic_trace_scores_passes_each_tokens_own_history():
-    from predictors.base import Predictor
+    from moe_engine.predictors.base import Predictor
 
     class PrevToken(Predictor):
         """Scores the experts the previous token of the sequence used at the target layer."""

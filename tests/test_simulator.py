@@ -7,10 +7,10 @@ import json
 
 import numpy as np
 import pytest
+from moe_engine.predictors import make_predictor
 
 from moe_engine.cli import main
-from moe_engine.policies import available_policies
-from moe_engine.simulator import (
+from moe_engine.offline.simulator import (
     PROFILES,
     SimConfig,
     belady_hit_rate,
@@ -19,8 +19,8 @@ from moe_engine.simulator import (
     scores_to_probs,
     simulate,
 )
-from moe_engine.traces import RoutingTrace
-from predictors import make_predictor
+from moe_engine.offline.traces import RoutingTrace
+from moe_engine.runtime.policies import available_policies
 
 
 def make_trace(ids: np.ndarray, starts=None, num_experts: int | None = None) -> RoutingTrace:

@@ -12,8 +12,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from moe_engine.cli import main
-from moe_engine.trace_recorder import record_trace, split_into_sequences
-from moe_engine.traces import load_trace
+from moe_engine.offline.trace_recorder import record_trace, split_into_sequences
+from moe_engine.offline.traces import load_trace
 
 SOFTMAX_VARIANTS = ["mixtral", "qwen2_moe", "qwen3_moe", "qwen3_moe_step2", "olmoe"]
 

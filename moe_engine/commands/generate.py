@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer, TextStreamer
 
     import moe_engine
-    from moe_engine.config import format_bytes, parse_budget
+    from moe_engine.runtime.config import format_bytes, parse_budget
 
     if args.model is None:
         from moe_engine.default_model import DEFAULT_PROMPT, default_model_path

@@ -60,8 +60,8 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from moe_engine.cli import UserError
-    from moe_engine.traces import concat_traces, load_trace
-    from placement import PlannerConfig, evaluate_plan, plan_placement, round_robin_plan, save_plan
+    from moe_engine.offline.traces import concat_traces, load_trace
+    from moe_engine.placement import PlannerConfig, evaluate_plan, plan_placement, round_robin_plan, save_plan
 
     if not 0 < args.train_fraction <= 1:
         raise UserError(f"--train-fraction must be in (0, 1], got {args.train_fraction}")

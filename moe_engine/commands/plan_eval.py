@@ -25,8 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from moe_engine.cli import UserError
-    from moe_engine.traces import load_trace
-    from placement import evaluate_plan, load_plan, round_robin_plan
+    from moe_engine.offline.traces import load_trace
+    from moe_engine.placement import evaluate_plan, load_plan, round_robin_plan
 
     plan = load_plan(args.plan)
     trace = load_trace(args.trace)

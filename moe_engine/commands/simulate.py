@@ -54,9 +54,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from moe_engine.cli import UserError
-    from moe_engine.policies import available_policies
-    from moe_engine.simulator import PROFILES, SimConfig, fit_policy_kwargs, simulate
-    from predictors import available_predictors
+    from moe_engine.offline.simulator import PROFILES, SimConfig, fit_policy_kwargs, simulate
+    from moe_engine.predictors import available_predictors
+    from moe_engine.runtime.policies import available_policies
 
     if args.list:
         print("policies:  ", ", ".join(available_policies()))
@@ -73,8 +73,8 @@ def run(args: argparse.Namespace) -> int:
 
     from dataclasses import replace
 
-    from moe_engine.predictor_factory import build_predictor
-    from moe_engine.traces import load_trace
+    from moe_engine.offline.predictor_factory import build_predictor
+    from moe_engine.offline.traces import load_trace
 
     trace = load_trace(args.trace)
     train = [load_trace(p) for p in args.train]

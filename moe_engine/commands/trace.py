@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from moe_engine.cli import UserError
-    from moe_engine.trace_recorder import record_trace, split_into_sequences
+    from moe_engine.offline.trace_recorder import record_trace, split_into_sequences
 
     if args.model is None:
         from moe_engine.default_model import default_model_path

@@ -42,11 +42,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from moe_engine.policies import EvictionPolicy, ExpertKey, fit_reuse_weights, make_policy
-from moe_engine.traces import RoutingTrace
+from moe_engine.offline.traces import RoutingTrace
+from moe_engine.runtime.policies import EvictionPolicy, ExpertKey, fit_reuse_weights, make_policy
 
 if TYPE_CHECKING:
-    from predictors.base import Predictor
+    from moe_engine.predictors.base import Predictor
 
 #: bf16 bytes of one routed expert of DeepSeek-V2-Lite (3 matrices of 2048 x 1408), the model of the
 #: shared traces; traces recorded by ``moe-engine trace`` carry their own ``expert_bytes`` in ``meta``.

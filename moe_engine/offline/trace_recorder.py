@@ -1,6 +1,6 @@
-"""Record the routing of a Hugging Face MoE model into a :class:`moe_engine.traces.RoutingTrace`.
+"""Record the routing of a Hugging Face MoE model into a :class:`moe_engine.offline.traces.RoutingTrace`.
 
-A forward hook on every MoE block's router (``block.gate`` of :func:`moe_engine.adapters.moe_blocks`)
+A forward hook on every MoE block's router (``block.gate`` of :func:`moe_engine.runtime.adapters.moe_blocks`)
 captures, per token and MoE layer, the experts the router chose (highest weight first) and their router
 probability (softmax over all experts, not renormalised over the top-k; the sigmoid score for sigmoid
 routers), and optionally the router input (``gate_inputs [T, L, H]``, float16). The model runs
@@ -25,12 +25,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from moe_engine.traces import RoutingTrace
+from moe_engine.offline.traces import RoutingTrace
 
 
 def _moe_blocks(model: nn.Module) -> list[tuple[int, nn.Module]]:
     try:
-        from moe_engine.adapters import moe_blocks
+        from moe_engine.runtime.adapters import moe_blocks
     except ImportError:  # pragma: no cover - adapters not present
         base = getattr(model, "model", model)
         return [
@@ -51,7 +51,7 @@ def _gate(block: nn.Module) -> nn.Module:
 def router_score_kind(config) -> str:
     """Router scoring, "softmax" or "sigmoid": how this model's router turns logits into expert scores."""
     try:
-        from moe_engine.adapters import get_adapter
+        from moe_engine.runtime.adapters import get_adapter
 
         return get_adapter(config).router_score
     except (ImportError, ValueError):

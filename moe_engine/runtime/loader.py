@@ -26,14 +26,15 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from moe_engine.adapters import Adapter, get_adapter, moe_blocks, parse_expert_key
-from moe_engine.cache import ExpertCache
-from moe_engine.config import EngineConfig, format_bytes, parse_budget, resolve_budget
-from moe_engine.engine import Engine, MoELayerInfo, OffloadedExperts
-from moe_engine.mover import CudaMover, Mover, ThreadMover
-from moe_engine.policies import make_policy
-from moe_engine.stats import EngineStats, LayerStats
-from moe_engine.store import CheckpointError, CheckpointStore, ExpertLocation, expert_location
+from moe_engine.runtime.adapters import Adapter, get_adapter, moe_blocks, parse_expert_key
+from moe_engine.runtime.cache import ExpertCache
+from moe_engine.runtime.config import EngineConfig, format_bytes, parse_budget, resolve_budget
+from moe_engine.runtime.cuda_mover import CudaMover
+from moe_engine.runtime.engine import Engine, MoELayerInfo, OffloadedExperts
+from moe_engine.runtime.mover import Mover, ThreadMover
+from moe_engine.runtime.policies import make_policy
+from moe_engine.runtime.stats import EngineStats, LayerStats
+from moe_engine.runtime.store import CheckpointError, CheckpointStore, ExpertLocation, expert_location
 
 logger = logging.getLogger(__name__)
 
@@ -154,7 +155,7 @@ def from_pretrained(
         path: local checkpoint directory (config.json + safetensors, sharded or not).
         budget: fast-tier bytes for experts: int bytes, a string ("2GiB", "512MB") or a fraction (0.25)
             of all expert bytes. Must hold at least one expert.
-        policy: eviction policy (``moe_engine.policies.available_policies()``) or "none" (no cache).
+        policy: eviction policy (``moe_engine.runtime.policies.available_policies()``) or "none" (no cache).
         device: "cuda" (default when available) or "cpu".
         dtype: compute dtype (default: the checkpoint's ``config.dtype``, else float32).
         predictor: "cross_layer_gate" (default, unless policy="none"), another registered predictor
@@ -273,7 +274,7 @@ def from_pretrained(
 
 
 def _build_predictor(predictor: Any, model, adapter: Adapter):
-    from predictors import Predictor, make_predictor
+    from moe_engine.predictors import Predictor, make_predictor
 
     if isinstance(predictor, Predictor):
         return predictor

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from moe_engine.traces import RoutingTrace
+from moe_engine.offline.traces import RoutingTrace
 
 #: Predictors built from traces alone, cheapest first.
 HISTORY_PREDICTORS = ("popularity", "transition", "transition_ho", "mlp_history")
@@ -28,8 +28,8 @@ def router_predictor(model_dir: str | Path):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from moe_engine.adapters import get_adapter, moe_blocks
-    from predictors import make_predictor
+    from moe_engine.predictors import make_predictor
+    from moe_engine.runtime.adapters import get_adapter, moe_blocks
 
     config = AutoConfig.from_pretrained(model_dir)
     adapter = get_adapter(config)
@@ -55,7 +55,7 @@ def build_predictor(
     **fit_options: Any,
 ):
     """The predictor ``name`` ready to score ``test`` (see the module docstring)."""
-    from predictors import make_predictor, predictor_class
+    from moe_engine.predictors import make_predictor, predictor_class
 
     cls = predictor_class(name)
     if name == "oracle":

@@ -24,12 +24,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from moe_engine.cache import ExpertCache
-from moe_engine.config import EngineConfig
-from moe_engine.mover import Mover
-from moe_engine.policies import ExpertKey
-from moe_engine.stats import EngineStats, LayerStats
-from moe_engine.store import CheckpointStore
+from moe_engine.runtime.cache import ExpertCache
+from moe_engine.runtime.config import EngineConfig
+from moe_engine.runtime.mover import Mover
+from moe_engine.runtime.policies import ExpertKey
+from moe_engine.runtime.stats import EngineStats, LayerStats
+from moe_engine.runtime.store import CheckpointStore
 
 
 @dataclass(frozen=True)
@@ -111,7 +111,7 @@ class Engine:
         Per target layer, the candidates are the union of each token's top-k predicted experts, ranked
         by how many tokens chose them (ties: total predicted probability).
         """
-        from predictors.base import PredictionContext
+        from moe_engine.predictors.base import PredictionContext
 
         t0 = time.perf_counter()
         # The forward pass's experts so far, [T, L, K], written layer by layer (views, no re-stacking).

@@ -75,7 +75,7 @@ def format_bytes(n: float) -> str:
 class EngineConfig:
     """How the engine runs. ``budget`` is bytes (int) or a fraction of all expert bytes (float).
 
-    * ``policy``: eviction policy name from ``moe_engine.policies`` or ``"none"`` (load on demand,
+    * ``policy``: eviction policy name from ``moe_engine.runtime.policies`` or ``"none"`` (load on demand,
       nothing kept after use).
     * ``predictor``: predictor name from ``predictors`` (``None`` disables prefetch).
     * ``prefetch_distance``: how many MoE layers ahead to prefetch.

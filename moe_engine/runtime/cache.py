@@ -1,7 +1,7 @@
 """Fast tier: a fixed set of preallocated expert slots under the budget, and their bookkeeping.
 
-Mechanism only; *which* expert leaves is the eviction policy's call (``moe_engine.policies``) and
-the copy itself is the mover's (``moe_engine.mover``).
+Mechanism only; *which* expert leaves is the eviction policy's call (``moe_engine.runtime.policies``) and
+the copy itself is the mover's (``moe_engine.runtime.mover``).
 
 Glossary: a *slot* is one preallocated buffer ``[slot_numel]`` holding one expert (``gate_up [2I, H]``
 then ``down [H, I]``). A key is *resident* when it owns a slot (its load may still be in flight);
@@ -28,10 +28,10 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from moe_engine.mover import Mover, Ticket
-from moe_engine.policies import EvictionPolicy, ExpertKey
-from moe_engine.stats import EngineStats, LayerStats
-from moe_engine.store import ExpertLocation
+from moe_engine.runtime.mover import Mover, Ticket
+from moe_engine.runtime.policies import EvictionPolicy, ExpertKey
+from moe_engine.runtime.stats import EngineStats, LayerStats
+from moe_engine.runtime.store import ExpertLocation
 
 
 class ExpertCache:

@@ -4,7 +4,7 @@ Glossary: a *key* is ``(layer, expert)`` with ``layer`` the index among the mode
 (0-based) and ``expert`` the routed expert id. A policy sees the cache's events and, when a slot is
 needed, picks a *victim* among the candidates the cache offers (resident experts that are neither
 pinned by the running layer nor needed by it). The same policy objects drive the runtime cache
-(``moe_engine.cache``) and the trace-driven simulator, so a hit rate measured in simulation is the
+(``moe_engine.runtime.cache``) and the trace-driven simulator, so a hit rate measured in simulation is the
 hit rate the runtime gets for the same access sequence.
 
 Event contract (the cache calls, in this order for a demand miss): ``insert(key, prefetch=False)``
