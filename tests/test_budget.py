@@ -133,7 +133,7 @@ _PROBE = textwrap.dedent(
     from transformers import AutoModelForCausalLM
     from transformers.models.mixtral import modeling_mixtral  # noqa: F401  (import cost is not loading cost)
     import moe_engine
-    from moe_engine import loader  # noqa: F401
+    from moe_engine.runtime import loader  # noqa: F401
     torch.ones(64, 64) @ torch.ones(64, 64)
     ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12]])
 

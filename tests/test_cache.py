@@ -45,7 +45,7 @@ def test_policy_none_keeps_nothing_resident(tiny_checkpoint):
         model(ids)
     s = model.engine.stats()
     assert s.hits == 0 and s.misses > 0
-    assert len(model.engine.cache.slot_of) == 0
+    assert len(model.engine.core.entries) == 0
     # A full-budget LRU cache makes the second pass all hits.
     cached = _load(path, budget=1.0, policy="lru")
     with torch.no_grad():
@@ -78,25 +78,27 @@ def test_prefetch_never_evicts_current_layer_experts(tiny_checkpoint):
     path = tiny_checkpoint("mixtral")
     cfg = AutoConfig.from_pretrained(path)
     model = _load(path, budget=2 * tiny_models.expert_bytes(cfg))
-    cache = model.engine.cache
+    cache, core = model.engine.cache, model.engine.core
     gen = cache.iter_experts(0, [3, 4])
-    next(gen)  # expert 3 pinned, 4 still needed: both protected
-    started = cache.prefetch([(1, 0), (1, 1)], protected={(0, 3), (0, 4)})
-    assert started == 0
+    next(gen)  # expert 3 in use, 4 still needed: both protected, and they fill both slots
+    assert core.prefetch([(1, 0), (1, 1)], limit=2) == []
     for _ in gen:
         pass
     assert cache.resident((0, 3)) and cache.resident((0, 4))
-    # A full cache: a prefetch for layer 1 only replaces a layer-1 expert, and there is none yet.
-    assert cache.prefetch([(1, 0)], protected=set()) == 0
-    for _ in cache.iter_experts(1, [5]):  # demand load evicts the LRU layer-0 expert (3)
+    # Between layers nothing is protected: a prefetch takes the policy's victim (LRU: expert 3).
+    loads = core.prefetch([(1, 0)], limit=1)
+    assert [(ld.key, ld.prefetch) for ld in loads] == [((1, 0), True)]
+    for ld in loads:
+        cache._submit(ld)
+    assert cache.resident((1, 0)) and cache.resident((0, 4)) and not cache.resident((0, 3))
+    # Predicted keys are never victims of their own prefetch call.
+    assert core.prefetch([(1, 0), (1, 1)], limit=2)[0].key == (1, 1)
+    assert cache.resident((1, 0)) and not cache.resident((0, 4))
+    # The prefetched experts are prefetch hits when their layer runs.
+    for _ in cache.iter_experts(1, [0, 1]):
         pass
-    assert cache.prefetch([(1, 0)], protected=set()) == 1
-    cache.wait_all()
-    assert cache.resident((1, 0)) and cache.resident((0, 4)) and not cache.resident((1, 5))
-    # The prefetched expert is a prefetch hit when its layer runs.
-    for _ in cache.iter_experts(1, [0]):
-        pass
-    assert model.engine.stats().prefetch_hits == 1
+    s = model.engine.stats()
+    assert s.prefetch_hits == 2 and s.prefetches == 2 and s.misses == 2
 
 
 def test_read_error_at_run_time_names_the_file(tiny_checkpoint, tmp_path):
@@ -126,9 +128,9 @@ def test_prefetches_queue_behind_the_layers_demand_loads(tiny_checkpoint):
     runs: list[list[bool]] = []  # per decode-step layer run: prefetch flag of each read it submitted
     real_submit, real_forward = mover.submit, engine.experts_forward
 
-    def recording_submit(loc, slot, slot_index, key, prefetch=False):
+    def recording_submit(loc, slot, slot_index, key, prefetch=False, after=None):
         runs[-1].append(prefetch)
-        return real_submit(loc, slot, slot_index, key, prefetch=prefetch)
+        return real_submit(loc, slot, slot_index, key, prefetch=prefetch, after=after)
 
     def recording_forward(layer, hidden_states, *args):
         runs.append([])

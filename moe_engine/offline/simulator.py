@@ -1,8 +1,9 @@
 """Trace-driven simulator of the fast-tier expert cache: policy, prefetch and projected time, no tensors moved.
 
 It replays a routing trace in decode order (token by token, and within a token MoE layer by MoE layer)
-against one cache shared by all layers, driving the same ``EvictionPolicy`` objects the runtime cache
-uses, and reports what the runtime would see: demand hit rate, bytes moved (demand loads + prefetches),
+through the runtime's own residency core (``moe_engine.runtime.residency``: the same slots, states,
+layer schedule, prefetch rule and eviction policies the runtime cache runs, with a virtual clock in
+place of real copies), and reports what the runtime would see: demand hit rate, bytes moved (demand loads + prefetches),
 wasted prefetches, and, with a hardware profile, projected time per token. Belady's offline optimum
 (evict the resident expert whose next use is farthest away) runs on the same access sequence as the
 reference no online policy can beat without prefetch.
@@ -11,14 +12,16 @@ Glossary:
 
 * step: one (token, MoE layer) pair; its K routed experts must all be resident before it computes.
 * demand hit rate: share of the K experts per step already resident (possibly thanks to a prefetch) when
-  the step starts. With prefetch, an expert still in flight counts as a hit (it was not requested on
-  demand) and its remaining transfer time shows up as stall time in the time projection.
+  the step starts, ready or late. ``ready_hits`` / ``late_hits`` split them on the reported profile's
+  clock: a late hit was still in flight and its remaining transfer time shows up as stall time.
 * wasted prefetch: a prefetched expert evicted (or left at the end) without ever being used.
-* capacity: number of expert slots, ``round(budget * L * E)``.
-* prefetch: after a step is routed, the predictor's probabilities for the next ``distance`` layers of the
-  same token reach the policy (``observe_scores``); with prefetch on, the likeliest non-resident experts
-  (at most ``prefetch_per_layer`` per predicted layer, probability >= ``prefetch_min_prob``) are loaded,
-  evicting the policy's victims but never the running step's experts or this step's predictions.
+* capacity: number of expert slots, ``max(K, round(budget * L * E))`` unless ``SimConfig.capacity``
+  gives it (below K the layer runs in waves, as in the runtime).
+* prefetch: after a step's demand loads are started, the predictor's probabilities for the next
+  ``distance`` layers of the same token reach the policy (``observe_scores``); with prefetch on, the
+  likeliest non-resident experts (``PrefetchRule``: at most ``prefetch_per_layer`` per predicted layer,
+  probability >= ``prefetch_min_prob``) are loaded, evicting the policy's victims but never the running
+  step's experts or this step's predictions: the runtime's rule, from the same code.
 * time projection, per hardware profile: one copy stream serving copies in issue order (a step's demand
   loads, then its prefetches); a step computes once its experts have arrived (``K`` experts streamed at
   ``compute_bytes_per_s``, plus ``layer_overhead_s``); stall = time a step waits for copies.
@@ -44,6 +47,7 @@ import numpy as np
 
 from moe_engine.offline.traces import RoutingTrace
 from moe_engine.runtime.policies import EvictionPolicy, ExpertKey, fit_reuse_weights, make_policy
+from moe_engine.runtime.residency import Compute, Load, PrefetchRule, Residency, scores_to_probs
 
 if TYPE_CHECKING:
     from moe_engine.predictors.base import Predictor
@@ -142,6 +146,7 @@ class SimConfig:
     expert_bytes: int | None = None  # None: trace meta["expert_bytes"], else DeepSeek-V2-Lite's
     layer_overhead_s: float = 0.0  # non-expert compute per token and MoE layer (model-specific)
     max_tokens: int | None = None  # replay only the first tokens of the trace
+    capacity: int | None = None  # slots; None: ``capacity_for(budget, ...)``
     policy_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -163,8 +168,11 @@ class SimResult:
     capacity: int
     tokens: int
     accesses: int
-    hits: int
-    hit_rate: float
+    hits: int  # resident when the step started: ready + late
+    hit_rate: float  # hits / accesses (comparable with Belady's, which has no prefetch)
+    ready_hits: int
+    late_hits: int  # resident but still in flight on the reported profile's clock
+    evictions: int
     belady_hit_rate: float
     demand_loads: int
     prefetch_loads: int
@@ -255,24 +263,6 @@ def _expert_bytes(trace: RoutingTrace, cfg: SimConfig) -> int:
     return int(trace.meta.get("expert_bytes", DSV2_LITE_EXPERT_BYTES))
 
 
-def scores_to_probs(scores: np.ndarray, top_k: int) -> np.ndarray:
-    """Per-row ``[..., E]`` scores to pseudo-probabilities of being chosen: softmax scaled to sum to K, clipped.
-
-    Predictors return scores on different scales (logits, counts, probabilities); the simulator and the
-    prediction-aware policy need one scale to compare experts of different layers.
-    """
-    s = np.asarray(scores, dtype=np.float64)
-    if np.all(s >= 0) and np.allclose(s.sum(-1), 0.0):
-        return np.zeros_like(s)
-    if np.all(s >= 0):  # counts or probabilities: normalise linearly
-        p = s / np.maximum(s.sum(-1, keepdims=True), 1e-12)
-    else:
-        z = s - s.max(-1, keepdims=True)
-        p = np.exp(z)
-        p /= p.sum(-1, keepdims=True)
-    return np.minimum(p * top_k, 1.0)
-
-
 class _Timeline:
     """Projected time on one hardware profile: one FIFO copy stream, compute after a step's experts arrive."""
 
@@ -345,8 +335,12 @@ def simulate(
     predictor: Predictor | None = None,
     policy: EvictionPolicy | None = None,
     with_belady: bool = True,
+    log: list[tuple[str, ExpertKey]] | None = None,
 ) -> SimResult:
-    """Replay ``trace`` in decode order against one shared cache; see the module docstring."""
+    """Replay ``trace`` in decode order through the residency core; see the module docstring.
+
+    ``log``: when a list, the core appends every decision to it (the runtime equivalence test).
+    """
     t0 = time.perf_counter()
     ids = np.asarray(trace.expert_ids, dtype=np.int64)
     starts = trace.sequence_starts
@@ -363,14 +357,18 @@ def simulate(
         )
     T, L, K = ids.shape
     E = trace.num_experts
-    capacity = capacity_for(cfg.budget, L, E, K)
+    capacity = cfg.capacity if cfg.capacity is not None else capacity_for(cfg.budget, L, E, K)
     if policy is None:
         policy = make_policy(cfg.policy, num_layers=L, num_experts=E, capacity=capacity, **cfg.policy_kwargs)
     if cfg.prefetch and predictor is None:
         raise ValueError("prefetch needs a predictor (--predictor NAME)")
     expert_bytes = _expert_bytes(trace, cfg)
-    # Every profile is projected (cheap); cfg.profile picks the one reported in the top-level fields.
+    # Every profile is projected (cheap); cfg.profile picks the one reported in the top-level fields
+    # and the clock that decides whether a prefetched expert has arrived (ready) or is late.
     clocks = [_Timeline(p, expert_bytes, cfg.layer_overhead_s, K) for p in PROFILES.values()]
+    main = next((c for c in clocks if c.profile.name == cfg.profile), None)
+    core = Residency(num_slots=capacity, policy=policy, num_layers=L, expert_bytes=expert_bytes, log=log)
+    rule = PrefetchRule(per_layer=cfg.prefetch_per_layer, min_prob=cfg.prefetch_min_prob)
 
     # probs[d - 1][t, l]: predicted probabilities for layer l + d, known after token t's layer l is routed.
     probs: list[np.ndarray] = []
@@ -381,112 +379,49 @@ def simulate(
             s = predictor.trace_scores(trace, d)  # [T, L - d, E]
             probs.append(scores_to_probs(s, K).astype(np.float32))
 
-    resident: dict[ExpertKey, None] = {}
-    prefetched_unused: set[ExpertKey] = set()
-    hits = demand_loads = prefetch_loads = prefetch_used = wasted = 0
-    layer_hits = [0] * L
-    observe = type(policy).observe_scores is not EvictionPolicy.observe_scores
+    if main is None:
+        def ready(key: ExpertKey) -> bool:
+            return True
+    else:
+        def ready(key: ExpertKey) -> bool:
+            return main.arrival.get(key, 0.0) <= main.start
+
     all_ids = ids.tolist()
-
-    # Candidates are built once per step and kept current as victims leave (a step's own inserts are
-    # protected, so they never join): building them per miss would cost O(capacity) each time.
-    cands: list[ExpertKey] | None = None
-
-    def reclaim(protect: set[ExpertKey]) -> bool:
-        nonlocal wasted, cands
-        if cands is None:
-            cands = [k for k in resident if k not in protect]
-        if not cands:
-            return False
-        v = policy.victim(cands)
-        if v not in resident or v in protect:
-            raise RuntimeError(f"policy {policy.name!r} chose {v}, which is not an evictable candidate")
-        cands.remove(v)
-        del resident[v]
-        if v in prefetched_unused:
-            prefetched_unused.discard(v)
-            wasted += 1
-        for c in clocks:
-            c.evict(v)
-        policy.evict(v)
-        return True
-
     for t in range(T):
         for layer in range(L):
-            policy.layer_start(layer)
-            cands = None
-            row = all_ids[t][layer]
-            needed = [(layer, e) for e in row]
-            need_set = set(needed)
             for c in clocks:
                 c.step_begin()
-            missing = []
-            for key in needed:
-                if key in resident:
-                    hits += 1
-                    layer_hits[layer] += 1
-                    if key in prefetched_unused:
-                        prefetched_unused.discard(key)
-                        prefetch_used += 1
+            for step in core.layer_schedule(layer, all_ids[t][layer], ready):
+                if type(step) is Compute:
+                    if step.hit:
+                        for c in clocks:
+                            c.hit(step.key)
+                    core.loaded(step.key)
+                elif type(step) is Load:
                     for c in clocks:
-                        c.hit(key)
-                    policy.access(key, hit=True)
-                else:
-                    missing.append(key)
-            for key in missing:
-                if len(resident) >= capacity:
-                    reclaim(need_set)
-                resident[key] = None
-                demand_loads += 1
-                for c in clocks:
-                    c.demand_load()
-                policy.insert(key, prefetch=False)
-                policy.access(key, hit=False)
+                        c.demand_load()
+                elif probs:  # Predict: this step's predictions for the next layers of this token
+                    ranked: list[ExpertKey] = []
+                    scored: dict[ExpertKey, float] = {}
+                    for d, pd in enumerate(probs, start=1):
+                        if layer + d >= L:
+                            break
+                        r, sc = rule.layer_candidates(layer + d, pd[t, layer])
+                        ranked.extend(r)
+                        scored.update(sc)
+                    core.observe(scored)
+                    if cfg.prefetch:
+                        for load in core.prefetch(ranked, limit=len(ranked)):
+                            for c in clocks:
+                                c.prefetch(load.key)
             for c in clocks:
                 c.step_end()
-            if not probs:
-                continue
-            # After routing this layer: predictions for the next layers of this token.
-            scored: dict[ExpertKey, float] = {}
-            for d, pd in enumerate(probs, start=1):
-                target = layer + d
-                if target >= L:
-                    break
-                p = pd[t, layer]
-                for e in np.flatnonzero(p > 1e-3).tolist():
-                    scored[(target, e)] = float(p[e])
-            if observe:
-                policy.observe_scores(scored)
-            if not cfg.prefetch:
-                continue
-            protect = set(need_set)
-            cands = None
-            for d, pd in enumerate(probs, start=1):
-                target = layer + d
-                if target >= L:
-                    break
-                p = pd[t, layer]
-                order = np.argsort(-p)[: cfg.prefetch_per_layer].tolist()
-                for e in order:
-                    if p[e] <= 0 or p[e] < cfg.prefetch_min_prob:
-                        break
-                    key = (target, e)
-                    protect.add(key)
-                    if cands is not None and key in resident:
-                        cands = None  # a newly protected key may sit in the candidate list
-                    if key in resident:
-                        continue
-                    if len(resident) >= capacity and not reclaim(protect):
-                        break
-                    resident[key] = None
-                    prefetched_unused.add(key)
-                    prefetch_loads += 1
-                    for c in clocks:
-                        c.prefetch(key)
-                    policy.insert(key, prefetch=True)
-    wasted += len(prefetched_unused)
 
+    st = core.stats()
+    leftover = sum(1 for e in core.entries.values() if e.prefetched)  # prefetched, never used
+    wasted = st.wasted_prefetches + leftover
     accesses = T * L * K
+    hits = st.hits + st.late_hits
     bel, _ = belady_hit_rate(ids, capacity) if with_belady else (float("nan"), [])
     res = SimResult(
         settings={**asdict(cfg), "predictor": cfg.predictor or (predictor.name if predictor else None)},
@@ -495,24 +430,27 @@ def simulate(
         accesses=accesses,
         hits=hits,
         hit_rate=hits / accesses,
+        ready_hits=st.hits,
+        late_hits=st.late_hits,
+        evictions=st.evictions,
         belady_hit_rate=bel,
-        demand_loads=demand_loads,
-        prefetch_loads=prefetch_loads,
-        prefetch_used=prefetch_used,
+        demand_loads=st.misses,
+        prefetch_loads=st.prefetches,
+        prefetch_used=st.prefetch_hits,
         wasted_prefetch=wasted,
-        bytes_moved=(demand_loads + prefetch_loads) * expert_bytes,
-        demand_bytes=demand_loads * expert_bytes,
-        prefetch_bytes=prefetch_loads * expert_bytes,
+        bytes_moved=(st.misses + st.prefetches) * expert_bytes,
+        demand_bytes=st.misses * expert_bytes,
+        prefetch_bytes=st.prefetches * expert_bytes,
         wasted_prefetch_bytes=wasted * expert_bytes,
         expert_bytes=expert_bytes,
-        per_layer_hit_rate=[h / (T * K) for h in layer_hits],
+        per_layer_hit_rate=[(ls.hits + ls.late_hits) / (T * K) for ls in st.per_layer],
     )
     res.projections = {c.profile.name: c.summary(T) for c in clocks}
     if cfg.profile is not None:
-        main = res.projections[cfg.profile]
-        res.time_per_token_s = main["time_per_token_s"]
-        res.stall_per_token_s = main["stall_per_token_s"]
-        res.compute_per_token_s = main["compute_per_token_s"]
+        proj = res.projections[cfg.profile]
+        res.time_per_token_s = proj["time_per_token_s"]
+        res.stall_per_token_s = proj["stall_per_token_s"]
+        res.compute_per_token_s = proj["compute_per_token_s"]
         res.profile = asdict(PROFILES[cfg.profile])
     res.wall_s = time.perf_counter() - t0
     return res

@@ -79,7 +79,8 @@ class EngineConfig:
       nothing kept after use).
     * ``predictor``: predictor name from ``predictors`` (``None`` disables prefetch).
     * ``prefetch_distance``: how many MoE layers ahead to prefetch.
-    * ``max_prefetch_inflight``: at most this many experts loading by prefetch at once.
+    * ``prefetch_per_layer``: at most this many prefetches per predicted layer and layer step.
+    * ``prefetch_min_prob``: prefetch only experts whose predicted probability reaches this.
     * ``page_cache``: allow the OS page cache to keep expert file pages (default off, so the budget is real).
     * ``io_threads``: slow-tier reader threads (CPU mover).
     * ``host_tier``: on CUDA, ``"pinned"`` keeps all experts in pinned host RAM, ``"disk"`` streams them.
@@ -89,7 +90,8 @@ class EngineConfig:
     policy: str = "lru"
     predictor: str | None = None
     prefetch_distance: int = 1
-    max_prefetch_inflight: int = 8
+    prefetch_per_layer: int = 6
+    prefetch_min_prob: float = 0.25
     page_cache: bool = False
     io_threads: int = 2
     host_tier: str = "pinned"
@@ -98,8 +100,10 @@ class EngineConfig:
         object.__setattr__(self, "budget", parse_budget(self.budget))
         if self.prefetch_distance < 1:
             raise ValueError(f"prefetch_distance must be >= 1, got {self.prefetch_distance}")
-        if self.max_prefetch_inflight < 0:
-            raise ValueError("max_prefetch_inflight must be >= 0")
+        if self.prefetch_per_layer < 0:
+            raise ValueError(f"prefetch_per_layer must be >= 0, got {self.prefetch_per_layer}")
+        if not 0.0 <= self.prefetch_min_prob <= 1.0:
+            raise ValueError(f"prefetch_min_prob must be in [0, 1], got {self.prefetch_min_prob}")
         if self.io_threads < 1:
             raise ValueError("io_threads must be >= 1")
         if self.host_tier not in ("pinned", "disk"):

@@ -16,9 +16,10 @@ Example::
 
 from __future__ import annotations
 
-import copy
 import functools
+import threading
 import time
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -26,9 +27,11 @@ from torch import nn
 
 from moe_engine.runtime.cache import ExpertCache
 from moe_engine.runtime.config import EngineConfig
+from moe_engine.runtime.interrupts import deferred_interrupts
 from moe_engine.runtime.mover import Mover
 from moe_engine.runtime.policies import ExpertKey
-from moe_engine.runtime.stats import EngineStats, LayerStats
+from moe_engine.runtime.residency import Load, PrefetchRule, Residency, scores_to_probs
+from moe_engine.runtime.stats import EngineStats
 from moe_engine.runtime.store import CheckpointStore
 
 
@@ -42,12 +45,46 @@ class MoELayerInfo:
     top_k: int
 
 
+class ModelClosedError(RuntimeError):
+    """The offloaded model was closed; load it again to use it."""
+
+
+def _shutdown(mover: Mover, store: CheckpointStore) -> None:
+    """Stop the copies and threads and close the files (``close()``, or the finalizer of a dropped engine)."""
+    try:
+        mover.close()
+    finally:
+        store.close()
+
+
+def _serialized(method):
+    """Run an engine method under the engine's lock: one MoE layer at a time per model, whatever the
+    number of threads calling it (the cache's slots are shared by every caller)."""
+
+    @functools.wraps(method)
+    def wrapper(self: Engine, *args, **kwargs):
+        with self.lock:
+            if self.closed:
+                raise ModelClosedError(
+                    "this moe-engine model was closed (close() or the end of its `with` block); "
+                    "load it again with moe_engine.from_pretrained to use it"
+                )
+            if args and args[0] == 0:  # a new forward pass (MoE layer 0): the files must not have changed
+                check = getattr(self.store, "check_unchanged", None)
+                if check is not None:
+                    check()
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
 class Engine:
     def __init__(
         self,
         *,
         config: EngineConfig,
         store: CheckpointStore,
+        core: Residency,
         cache: ExpertCache,
         mover: Mover,
         layers: list[MoELayerInfo],
@@ -57,14 +94,21 @@ class Engine:
     ) -> None:
         self.config = config
         self.store = store
+        self.core = core
         self.cache = cache
         self.mover = mover
         self.layers = layers
         self.budget_bytes = budget_bytes
         self.predictor = predictor
         self.device = device
+        self.prefetch_rule = PrefetchRule(per_layer=config.prefetch_per_layer, min_prob=config.prefetch_min_prob)
+        self.lock = threading.RLock()
+        self.closed = False
         self._history: torch.Tensor | None = None  # [T, L, K] experts chosen so far in this forward pass
         self._history_len = 0
+        # Dropping the last reference to the engine (the model) stops its threads and closes its files;
+        # the finalizer holds no reference to the engine, the cache or the slots.
+        self._finalizer = weakref.finalize(self, _shutdown, mover, store)
 
     # ------------------------------------------------------------------ stats
     @property
@@ -78,73 +122,72 @@ class Engine:
     @property
     def predict_seconds(self) -> float:
         """Seconds spent predicting and issuing prefetches since the last reset."""
-        return self.cache.stats.predict_seconds
+        return self.core.predict_seconds
 
     def stats(self) -> EngineStats:
-        """A snapshot (copy) of the counters."""
-        s = copy.deepcopy(self.cache.stats)
-        s.resident_bytes = len(self.cache.slot_of) * self.cache.expert_bytes
-        return s
+        """A snapshot of the counters (the residency core owns them)."""
+        with self.lock:
+            return self.core.stats()
 
     def reset_stats(self) -> None:
         """Zero the counters (residency is kept; peak resident bytes restarts from the current residency)."""
-        st = self.cache.stats
-        fresh = EngineStats(
-            budget_bytes=st.budget_bytes,
-            expert_bytes=st.expert_bytes,
-            num_slots=st.num_slots,
-            per_layer=[LayerStats() for _ in self.layers],
-        )
-        fresh.resident_bytes = fresh.peak_resident_bytes = len(self.cache.slot_of) * self.cache.expert_bytes
-        # Mutate in place: the cache holds a reference.
-        st.__dict__.update(fresh.__dict__)
+        with self.lock:
+            self.core.reset_stats()
 
+    # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:
-        self.cache.wait_all()
-        self.mover.close()
-        self.store.close()
+        """Stop copies and I/O threads, close the checkpoint files and free the slots. Idempotent;
+        afterwards any forward pass raises ``ModelClosedError``."""
+        with self.lock:
+            if self.closed:
+                return
+            self.closed = True
+            self._finalizer()  # mover.close() then store.close(); runs once
+            self.cache.slots = torch.empty(0, dtype=self.cache.slots.dtype, device=self.cache.slots.device)
+            self.cache.tickets.clear()
 
     # ------------------------------------------------------------------ prefetch
-    def _prefetch(self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor, experts: list[int]) -> None:
-        """Score layers ``layer+1 .. layer+d`` with the predictor and hand the cache a ranked list.
+    def _prefetch(self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor) -> list[Load]:
+        """Score layers ``layer+1 .. layer+d`` with the predictor; the core admits the prefetches.
 
-        Per target layer, the candidates are the union of each token's top-k predicted experts, ranked
-        by how many tokens chose them (ties: total predicted probability).
+        Per target layer, each token's scores become probabilities (``scores_to_probs``), tokens are
+        combined and the prefetch rule ranks the candidates (``PrefetchRule``), as in the simulator.
         """
         from moe_engine.predictors.base import PredictionContext
 
         t0 = time.perf_counter()
-        # The forward pass's experts so far, [T, L, K], written layer by layer (views, no re-stacking).
-        hist = self._history
-        fits = hist is not None and hist.shape[0] == top_k_index.shape[0] and hist.shape[2] == top_k_index.shape[1]
-        if layer == 0 and not fits:
-            hist = self._history = top_k_index.new_empty(top_k_index.shape[0], self.num_layers, top_k_index.shape[1])
-        elif layer != 0 and (not fits or self._history_len != layer):
-            self._history_len = -1  # a layer was skipped or the batch changed (should not happen): no history
-            return
-        assert hist is not None
-        hist[:, layer] = top_k_index
-        self._history_len = layer + 1
-        ctx = PredictionContext(layer=layer, history=hist[:, : layer + 1], gate_input=hidden)
-        ranked: list[ExpertKey] = []
-        for d in range(1, self.config.prefetch_distance + 1):
-            target = layer + d
-            if target >= self.num_layers:
-                break
-            scores = self.predictor.scores(ctx, d)  # [T, E]
-            k = min(self.layers[target].top_k, scores.shape[-1])
-            if scores.shape[0] == 1:  # decode, batch 1: the token's own top-k, best first
-                chosen = scores[0].topk(k).indices.tolist()
-            else:
-                top = scores.topk(k, dim=-1).indices  # [T, k]
-                votes = torch.bincount(top.flatten(), minlength=scores.shape[-1]).float()
-                rank = votes + 1e-3 * scores.float().softmax(-1).sum(0)  # ties broken by total probability
-                chosen = rank.argsort(descending=True)[: int((votes > 0).sum())].tolist()
-            ranked.extend((target, int(e)) for e in chosen)
-        self.cache.prefetch(ranked, {(layer, e) for e in experts})
-        self.cache.stats.predict_seconds += time.perf_counter() - t0
+        try:
+            # The forward pass's experts so far, [T, L, K], written layer by layer (views, no re-stacking).
+            hist = self._history
+            fits = hist is not None and hist.shape[0] == top_k_index.shape[0] and hist.shape[2] == top_k_index.shape[1]
+            if layer == 0 and not fits:
+                hist = self._history = top_k_index.new_empty(top_k_index.shape[0], self.num_layers, top_k_index.shape[1])
+            elif layer != 0 and (not fits or self._history_len != layer):
+                self._history_len = -1  # another caller's pass interleaved, or the batch changed: no history
+                return []
+            assert hist is not None
+            hist[:, layer] = top_k_index
+            self._history_len = layer + 1
+            ctx = PredictionContext(layer=layer, history=hist[:, : layer + 1], gate_input=hidden)
+            ranked: list[ExpertKey] = []
+            scored: dict[ExpertKey, float] = {}
+            for d in range(1, self.config.prefetch_distance + 1):
+                target = layer + d
+                if target >= self.num_layers:
+                    break
+                scores = self.predictor.scores(ctx, d)  # [T, E]
+                probs = scores_to_probs(scores.detach().float().cpu().numpy(), self.layers[target].top_k)
+                r, s = self.prefetch_rule.layer_candidates(target, probs)
+                ranked.extend(r)
+                scored.update(s)
+            with deferred_interrupts():
+                self.core.observe(scored)
+                return self.core.prefetch(ranked, limit=len(ranked))
+        finally:
+            self.core.predict_seconds += time.perf_counter() - t0
 
     # ------------------------------------------------------------------ compute
+    @_serialized
     def experts_forward(
         self,
         layer: int,
@@ -164,7 +207,7 @@ class Engine:
         # Prefetches for the next layers are issued once this layer's demand loads are queued.
         after_submit = None
         if self.predictor is not None and layer + 1 < self.num_layers:  # nothing to predict after the last layer
-            after_submit = functools.partial(self._prefetch, layer, hidden_states, top_k_index, experts)
+            after_submit = functools.partial(self._prefetch, layer, hidden_states, top_k_index)
 
         outputs: list[tuple[int, torch.Tensor, torch.Tensor]] = []
         for e, gate_up, down in self.cache.iter_experts(layer, experts, after_submit):

@@ -33,7 +33,7 @@ from moe_engine.runtime.cuda_mover import CudaMover
 from moe_engine.runtime.engine import Engine, MoELayerInfo, OffloadedExperts
 from moe_engine.runtime.mover import Mover, ThreadMover
 from moe_engine.runtime.policies import make_policy
-from moe_engine.runtime.stats import EngineStats, LayerStats
+from moe_engine.runtime.residency import Residency
 from moe_engine.runtime.store import CheckpointError, CheckpointStore, ExpertLocation, expert_location
 
 logger = logging.getLogger(__name__)
@@ -143,7 +143,8 @@ def from_pretrained(
     dtype: torch.dtype | str | None = None,
     predictor: Any = _AUTO,
     prefetch_distance: int = 1,
-    max_prefetch_inflight: int = 8,
+    prefetch_per_layer: int = 6,
+    prefetch_min_prob: float = 0.25,
     page_cache: bool = False,
     io_threads: int = 2,
     host_tier: str = "pinned",
@@ -161,11 +162,15 @@ def from_pretrained(
         predictor: "cross_layer_gate" (default, unless policy="none"), another registered predictor
             name, a ``predictors.Predictor`` instance, or None to disable prefetch.
         prefetch_distance: MoE layers ahead to prefetch.
+        prefetch_per_layer, prefetch_min_prob: at most this many prefetches per predicted layer and step,
+            each with a predicted probability of at least this (``moe_engine.runtime.residency.PrefetchRule``).
         page_cache: let the OS page cache keep expert pages (off: the budget is the real bound).
         host_tier: on CUDA, "pinned" (all experts in pinned host RAM) or "disk" (streamed from files).
 
     Returns:
         the transformers ``PreTrainedModel`` (forward and ``generate`` work), with ``model.engine``.
+        It is also a context manager (``with from_pretrained(...) as model:``) and has ``close()``;
+        dropping the last reference to it frees its slots, threads and files as well.
     """
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM, GenerationConfig
@@ -178,7 +183,8 @@ def from_pretrained(
         policy=policy,
         predictor=predictor if (predictor is None or isinstance(predictor, str)) else type(predictor).__name__,
         prefetch_distance=prefetch_distance,
-        max_prefetch_inflight=max_prefetch_inflight,
+        prefetch_per_layer=prefetch_per_layer,
+        prefetch_min_prob=prefetch_min_prob,
         page_cache=page_cache,
         io_threads=io_threads,
         host_tier=host_tier,
@@ -234,10 +240,6 @@ def from_pretrained(
                 f"{expert_bytes} bytes or a fraction >= {expert_bytes / total:.4f} of all expert bytes"
             )
         num_slots = min(budget_bytes // expert_bytes, len(locations))
-        stats = EngineStats(
-            budget_bytes=budget_bytes, expert_bytes=expert_bytes, num_slots=num_slots,
-            per_layer=[LayerStats() for _ in layers],
-        )  # fmt: skip
         mover: Mover
         if dev.type == "cuda":
             mover = CudaMover(
@@ -249,19 +251,26 @@ def from_pretrained(
         pol = make_policy(
             "lru" if policy == "none" else policy, num_layers=len(layers), num_experts=num_experts, capacity=num_slots
         )
+        core = Residency(
+            num_slots=num_slots, policy=pol, num_layers=len(layers), expert_bytes=expert_bytes,
+            budget_bytes=budget_bytes, keep_resident=policy != "none",
+        )  # fmt: skip
         cache = ExpertCache(
-            num_slots=num_slots, intermediate=inter, hidden=hidden, dtype=dtype, device=dev, policy=pol,
-            mover=mover, locate=locations.__getitem__, stats=stats, budget_bytes=budget_bytes,
-            keep_resident=policy != "none", max_prefetch_inflight=max_prefetch_inflight,
+            core=core, intermediate=inter, hidden=hidden, dtype=dtype, device=dev, mover=mover,
+            locate=locations.__getitem__,
         )  # fmt: skip
         pred = _build_predictor(predictor, model, adapter) if predictor is not None else None
         engine = Engine(
-            config=cfg, store=store, cache=cache, mover=mover, layers=layers,
+            config=cfg, store=store, core=core, cache=cache, mover=mover, layers=layers,
             budget_bytes=budget_bytes, predictor=pred, device=dev,
         )  # fmt: skip
         for m in modules:
             m.attach(engine)
         model.engine = engine
+        model.__class__ = _offloaded_class(type(model))
+        # Inference only: autograd through offloaded experts would keep views of slots that later copies
+        # overwrite. Parameters are frozen so a plain forward records nothing (see README, "Gradients").
+        model.requires_grad_(False)
         try:
             model.generation_config = GenerationConfig.from_pretrained(path)
         except OSError:
@@ -288,3 +297,34 @@ def _build_predictor(predictor: Any, model, adapter: Adapter):
             biases=biases if any(b is not None for b in biases) else None,
         )
     return make_predictor(predictor)
+
+
+class OffloadedModelMixin:
+    """What an offloaded model adds to its transformers class: ``close()`` and the context manager."""
+
+    engine: Engine
+
+    def close(self) -> None:
+        """Stop the engine's threads, close its files, free its slots. Idempotent; using the model
+        afterwards raises ``ModelClosedError``."""
+        self.engine.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+_OFFLOADED_CLASSES: dict[type, type] = {}
+
+
+def _offloaded_class(cls: type) -> type:
+    """A subclass of the model's class with ``OffloadedModelMixin``, made once per class and set on
+    this instance only (no transformers class is changed). It keeps the class's name and module, so
+    what transformers records from the class (``config.architectures`` on save) is unchanged."""
+    sub = _OFFLOADED_CLASSES.get(cls)
+    if sub is None:
+        sub = type(cls.__name__, (OffloadedModelMixin, cls), {"__module__": cls.__module__, "__qualname__": cls.__qualname__})
+        _OFFLOADED_CLASSES[cls] = sub
+    return sub

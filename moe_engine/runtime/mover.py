@@ -2,21 +2,23 @@
 
 Two implementations behind one interface:
 
-* ``ThreadMover`` (CPU-only machines): I/O threads read the expert's byte ranges from the checkpoint
-  files straight into the slot's memory (``os.preadv`` releases the GIL, so reads overlap compute).
-* ``CudaMover`` (GPUs): the slow tier is pinned host memory holding every expert as one contiguous
-  buffer (``host_tier="pinned"``), or the files read by threads into pinned staging buffers
-  (``host_tier="disk"``); each copy is one ``non_blocking`` copy on a dedicated copy stream, ordered
-  after the slot's previous readers by an event, and announced by an event the compute stream waits on.
+* ``ThreadMover`` (CPU-only machines, here): I/O threads read the expert's byte ranges from the
+  checkpoint files straight into the slot's memory (``os.preadv`` releases the GIL, so reads overlap
+  compute).
+* ``CudaMover`` (``moe_engine.runtime.cuda_mover``): copies from pinned host memory on a copy stream.
 
-A ``Ticket`` is the handle of one copy: ``ready()`` polls it, ``wait()`` blocks until the slot may be
-read by compute and returns the seconds spent waiting (the stall).
+A ``Ticket`` is the handle of one copy: ``done()`` says it has stopped (finished, failed or cancelled:
+it will never write its slot again), ``wait()`` blocks until compute may read the slot and returns the
+seconds spent waiting (the stall), re-raising the copy's error, ``cancel()`` stops a copy that has not
+started. A copy submitted with ``after=`` (the slot's previous copy) never writes before that one has
+stopped, so an evicted prefetch still in flight can never overwrite its slot's next expert.
 
 Example::
 
     mover = ThreadMover(store, io_threads=2)
-    ticket = mover.submit(location, slot_tensor, slot_index=3)
+    ticket = mover.submit(location, slot_tensor, slot_index=3, key=(0, 5))
     stall = ticket.wait()
+    mover.close()
 """
 
 from __future__ import annotations
@@ -26,84 +28,115 @@ import queue
 import threading
 import time
 from abc import ABC, abstractmethod
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures import wait as wait_futures
 
 import torch
 
 from moe_engine.runtime.store import CheckpointStore, ExpertLocation
 
 
+class MoverClosedError(RuntimeError):
+    """The mover was closed (the model was closed); reload the model to use it again."""
+
+
 class Ticket(ABC):
     @abstractmethod
-    def ready(self) -> bool: ...
+    def done(self) -> bool:
+        """The copy has stopped (finished, failed or cancelled): it will never write its slot again."""
 
     @abstractmethod
     def wait(self) -> float:
-        """Block until the copy is usable by the compute stream; return seconds waited."""
+        """Block until compute may read the slot; re-raise the copy's error; return seconds waited."""
+
+    def cancel(self) -> bool:
+        """Cancel the copy if it has not started; True when it will never write its slot."""
+        return self.done()
 
 
 class Mover(ABC):
     @abstractmethod
     def submit(
-        self, loc: ExpertLocation, slot: torch.Tensor, slot_index: int, key: tuple[int, int], prefetch: bool = False
+        self,
+        loc: ExpertLocation,
+        slot: torch.Tensor,
+        slot_index: int,
+        key: tuple[int, int],
+        prefetch: bool = False,
+        after: Ticket | None = None,
     ) -> Ticket:
-        """Start copying expert ``key`` into ``slot``; ``prefetch`` copies yield to demand copies."""
+        """Start copying expert ``key`` into ``slot``; prefetch copies yield to demand copies; the copy
+        does not write before ``after`` (the slot's previous copy) has stopped."""
 
     def release(self, slot_index: int) -> None:
         """Compute has finished enqueuing its reads of ``slot_index`` (CUDA orders the next copy after them)."""
 
     def close(self) -> None:
-        pass
-
-
-class _FutureTicket(Ticket):
-    def __init__(self, future: Future) -> None:
-        self.future = future
-
-    def ready(self) -> bool:
-        return self.future.done()
-
-    def wait(self) -> float:
-        if self.future.done():
-            self.future.result()  # re-raise a read error here, in the compute thread
-            return 0.0
-        t0 = time.perf_counter()
-        self.future.result()
-        return time.perf_counter() - t0
+        """Stop every copy and thread; idempotent. Later submits raise ``MoverClosedError``."""
 
 
 class _Job:
-    """One queued read; may sit in the queue twice after a promotion, runs once."""
+    """One queued read. It may sit in the queue twice after a promotion; it runs at most once."""
 
-    __slots__ = ("loc", "slot", "future", "_started", "_lock")
+    __slots__ = ("loc", "slot", "after", "future", "_state", "_lock")
 
-    def __init__(self, loc: ExpertLocation, slot: torch.Tensor) -> None:
-        self.loc, self.slot = loc, slot
+    QUEUED, RUNNING, CANCELLED = 0, 1, 2
+
+    def __init__(self, loc: ExpertLocation, slot: torch.Tensor, after: Ticket | None) -> None:
+        self.loc, self.slot, self.after = loc, slot, after
         self.future: Future = Future()
-        self._started = False
+        self._state = _Job.QUEUED
         self._lock = threading.Lock()
 
     def claim(self) -> bool:
+        """A worker takes the job: True once, if it was neither taken nor cancelled."""
         with self._lock:
-            if self._started:
+            if self._state != _Job.QUEUED:
                 return False
-            self._started = True
+            self._state = _Job.RUNNING
             return True
+
+    def cancel(self) -> bool:
+        with self._lock:
+            if self._state == _Job.QUEUED:
+                self._state = _Job.CANCELLED
+                self.future.cancel()
+                self.loc = self.slot = self.after = None  # type: ignore[assignment]  # free the slot view
+                return True
+            return self._state == _Job.CANCELLED or self.future.done()
 
     @property
     def started(self) -> bool:
-        return self._started
+        return self._state != _Job.QUEUED
 
 
-class _JobTicket(_FutureTicket):
+class _JobTicket(Ticket):
     def __init__(self, job: _Job, mover: ThreadMover) -> None:
-        super().__init__(job.future)
         self.job, self.mover = job, mover
 
+    def done(self) -> bool:
+        return self.job.future.done()
+
+    def cancel(self) -> bool:
+        return self.job.cancel()
+
     def wait(self) -> float:
+        fut = self.job.future
+        if fut.done():
+            fut.result()  # re-raise a read error here, in the compute thread
+            return 0.0
         if not self.job.started:  # a prefetch still queued is now demanded: move it to the front
             self.mover._put(0, self.job)
-        return super().wait()
+        t0 = time.perf_counter()
+        while True:
+            try:
+                fut.result(timeout=0.5)
+                break
+            except FutureTimeout:
+                if self.mover.closed and not fut.done():
+                    raise MoverClosedError("the model was closed while an expert was loading") from None
+        return time.perf_counter() - t0
 
 
 class ThreadMover(Mover):
@@ -115,10 +148,12 @@ class ThreadMover(Mover):
 
     def __init__(self, store: CheckpointStore, io_threads: int = 2) -> None:
         self.store = store
+        self.closed = False
         self._queue: queue.PriorityQueue = queue.PriorityQueue()
         self._order = itertools.count()
         self._threads = [
-            threading.Thread(target=self._worker, name=f"moe-io-{i}", daemon=True) for i in range(io_threads)
+            threading.Thread(target=_worker, args=(self._queue, store), name=f"moe-io-{i}", daemon=True)
+            for i in range(io_threads)
         ]
         for t in self._threads:
             t.start()
@@ -126,30 +161,63 @@ class ThreadMover(Mover):
     def _put(self, priority: int, job: _Job | None) -> None:
         self._queue.put((priority, next(self._order), job))
 
-    def _worker(self) -> None:
-        while True:
-            _, _, job = self._queue.get()
-            if job is None:
-                return
-            if not job.claim():
-                continue
-            try:
-                self.store.read_expert_into(job.loc, job.slot)
-            except BaseException as exc:  # delivered to the waiting compute thread
-                job.future.set_exception(exc)
-            else:
-                job.future.set_result(None)
-
     def submit(
-        self, loc: ExpertLocation, slot: torch.Tensor, slot_index: int, key: tuple[int, int], prefetch: bool = False
+        self,
+        loc: ExpertLocation,
+        slot: torch.Tensor,
+        slot_index: int,
+        key: tuple[int, int],
+        prefetch: bool = False,
+        after: Ticket | None = None,
     ) -> Ticket:
-        job = _Job(loc, slot)
+        if self.closed:
+            raise MoverClosedError("moe-engine: this model was closed; load it again to use it")
+        if after is not None and after.cancel():
+            after = None  # the slot's previous copy will never write: no need to wait for it
+        job = _Job(loc, slot, after)
         self._put(1 if prefetch else 0, job)
         return _JobTicket(job, self)
 
     def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        # Cancel what is still queued, then wake every worker with a stop marker.
+        pending = []
+        while True:
+            try:
+                pending.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        for _, _, job in pending:
+            if job is not None:
+                job.cancel()
         for _ in self._threads:
             self._put(2, None)
         for t in self._threads:
-            t.join()
+            t.join(timeout=30)  # a read in progress finishes first (bounded by one expert's bytes)
         self._threads = []
+
+
+def _worker(q: queue.PriorityQueue, store: CheckpointStore) -> None:
+    """I/O thread body. A module function (not a method), so a running thread keeps no reference to
+    the mover, and it drops each job before blocking again, so no slot view outlives its read."""
+    while True:
+        _, _, job = q.get()
+        if job is None:
+            return
+        if job.claim():
+            try:
+                after = job.after
+                if after is not None and isinstance(after, _JobTicket):
+                    wait_futures([after.job.future])  # it is running (it could not be cancelled): let it stop
+                store.read_expert_into(job.loc, job.slot)
+            except BaseException as exc:  # delivered to the waiting compute thread
+                job.future.set_exception(exc)
+            else:
+                job.future.set_result(None)
+            job.loc = job.slot = job.after = None
+        del job
+
+
+__all__ = ["CancelledError", "Mover", "MoverClosedError", "ThreadMover", "Ticket"]

@@ -1,11 +1,15 @@
 """Eviction policies for the fast-tier expert cache: policy only, no tensors, no devices.
 
 Glossary: a *key* is ``(layer, expert)`` with ``layer`` the index among the model's MoE layers
-(0-based) and ``expert`` the routed expert id. A policy sees the cache's events and, when a slot is
-needed, picks a *victim* among the candidates the cache offers (resident experts that are neither
-pinned by the running layer nor needed by it). The same policy objects drive the runtime cache
-(``moe_engine.runtime.cache``) and the trace-driven simulator, so a hit rate measured in simulation is the
-hit rate the runtime gets for the same access sequence.
+(0-based) and ``expert`` the routed expert id. A policy sees the residency core's events
+(``moe_engine.runtime.residency``) and, when a slot is needed, picks a *victim*: the resident key it
+would evict first among those the core allows (``evictable(key)``: not needed by the running layer,
+not just predicted). The core drives both the runtime cache and the trace-driven simulator, so a hit
+rate measured in simulation is the hit rate the runtime gets for the same access sequence.
+
+Cost: the policy keeps its own order of resident keys and walks it from the best victim, skipping the
+few keys that are not evictable (at most the running layer's and the predicted ones), so a victim
+costs O(log n + skipped), not O(resident).
 
 Event contract (the cache calls, in this order for a demand miss): ``insert(key, prefetch=False)``
 then ``access(key, hit=False)``; for a demand hit: ``access(key, hit=True)``; for a prefetch:
@@ -17,11 +21,12 @@ Example::
 
     policy = make_policy("lru", num_layers=8, num_experts=16, capacity=32)
     policy.insert((0, 3), prefetch=False); policy.access((0, 3), hit=False)
-    victim = policy.victim([(0, 3), (1, 5)])
+    victim = policy.victim(lambda key: True)
 """
 
 from __future__ import annotations
 
+import heapq
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
@@ -88,8 +93,11 @@ class EvictionPolicy(ABC):
         """Predictor scores for upcoming experts (higher = more likely needed soon)."""
 
     @abstractmethod
-    def victim(self, candidates: Sequence[ExpertKey]) -> ExpertKey:
-        """Pick one of ``candidates`` (non-empty, all resident and evictable) to evict."""
+    def victim(self, evictable: Callable[[ExpertKey], bool]) -> ExpertKey | None:
+        """The resident key to evict first among those with ``evictable(key)``; None if there is none.
+
+        Resident = inserted and not evicted since. The core then calls ``evict(victim)``.
+        """
 
 
 @register_policy("lru")
@@ -111,12 +119,11 @@ class LRUPolicy(EvictionPolicy):
     def evict(self, key: ExpertKey) -> None:
         self._order.pop(key, None)
 
-    def victim(self, candidates: Sequence[ExpertKey]) -> ExpertKey:
-        allowed = set(candidates)
-        for key in self._order:  # oldest first
-            if key in allowed:
+    def victim(self, evictable: Callable[[ExpertKey], bool]) -> ExpertKey | None:
+        for key in self._order:  # oldest first; non-evictable keys are recent, so few are skipped
+            if evictable(key):
                 return key
-        return candidates[0]
+        return None
 
 
 @register_policy("lfu")
@@ -127,22 +134,46 @@ class LFUPolicy(EvictionPolicy):
         super().__init__(**kw)
         self._count: dict[ExpertKey, int] = {}
         self._last: dict[ExpertKey, int] = {}
+        self._resident: set[ExpertKey] = set()
+        self._heap: list[tuple[int, int, ExpertKey]] = []  # (count, last, key), stale entries skipped
         self._clock = 0
 
     def _touch(self, key: ExpertKey) -> None:
         self._clock += 1
         self._last[key] = self._clock
+        if key in self._resident:
+            heapq.heappush(self._heap, (self._count.get(key, 0), self._clock, key))
+            if len(self._heap) > 4 * len(self._resident) + 64:  # drop stale entries now and then
+                self._heap = [(self._count.get(k, 0), self._last[k], k) for k in self._resident]
+                heapq.heapify(self._heap)
 
     def insert(self, key: ExpertKey, prefetch: bool) -> None:
         self._count.setdefault(key, 0)
+        self._resident.add(key)
         self._touch(key)
 
     def access(self, key: ExpertKey, hit: bool) -> None:
         self._count[key] = self._count.get(key, 0) + 1
         self._touch(key)
 
-    def victim(self, candidates: Sequence[ExpertKey]) -> ExpertKey:
-        return min(candidates, key=lambda k: (self._count.get(k, 0), self._last.get(k, 0)))
+    def evict(self, key: ExpertKey) -> None:
+        self._resident.discard(key)
+
+    def victim(self, evictable: Callable[[ExpertKey], bool]) -> ExpertKey | None:
+        heap, skipped, found = self._heap, [], None
+        while heap:
+            item = heapq.heappop(heap)
+            count, last, key = item
+            if key not in self._resident or self._last.get(key) != last or self._count.get(key, 0) != count:
+                continue  # stale
+            if evictable(key):
+                found = key
+                heapq.heappush(heap, item)  # still resident until the core evicts it
+                break
+            skipped.append(item)
+        for item in skipped:
+            heapq.heappush(heap, item)
+        return found
 
 
 @register_policy("arc")
@@ -215,14 +246,13 @@ class ARCPolicy(EvictionPolicy):
         while len(self.t1) + len(self.t2) + len(self.b1) + len(self.b2) > 2 * c and (self.b2 or self.b1):
             (self.b2 or self.b1).popitem(last=False)
 
-    def victim(self, candidates: Sequence[ExpertKey]) -> ExpertKey:
-        allowed = set(candidates)
+    def victim(self, evictable: Callable[[ExpertKey], bool]) -> ExpertKey | None:
         first, second = (self.t1, self.t2) if (self.t1 and len(self.t1) > self.p) or not self.t2 else (self.t2, self.t1)
         for order in (first, second):
             for key in order:  # least recent first
-                if key in allowed:
+                if evictable(key):
                     return key
-        return candidates[0]
+        return None
 
 
 @register_policy("fate")
@@ -256,14 +286,13 @@ class ShallowFavoringPolicy(EvictionPolicy):
     def evict(self, key: ExpertKey) -> None:
         self._order[key[0]].pop(key, None)
 
-    def victim(self, candidates: Sequence[ExpertKey]) -> ExpertKey:
-        allowed = set(candidates)
-        layers = sorted({k[0] for k in candidates}, key=lambda layer: len(self._order[layer]) - self.quota[layer], reverse=True)
+    def victim(self, evictable: Callable[[ExpertKey], bool]) -> ExpertKey | None:
+        layers = sorted(range(self.num_layers), key=lambda layer: len(self._order[layer]) - self.quota[layer], reverse=True)
         for layer in layers:
             for key in self._order[layer]:
-                if key in allowed:
+                if evictable(key):
                     return key
-        return candidates[0]
+        return None
 
 
 _MATCHES = 3  # remembered passes matched against the running one
@@ -424,6 +453,7 @@ class PredictivePolicy(EvictionPolicy):
 
     def __init__(self, weights: Sequence[float] | None = None, memory: int = 1024, **kw) -> None:
         super().__init__(**kw)
+        self._resident: dict[ExpertKey, None] = {}
         w = DEFAULT_REUSE_WEIGHTS if weights is None else tuple(float(x) for x in weights)
         if len(w) != len(REUSE_FEATURES):
             raise ValueError(f"predictive: weights needs {len(REUSE_FEATURES)} values ({', '.join(REUSE_FEATURES)})")
@@ -434,6 +464,12 @@ class PredictivePolicy(EvictionPolicy):
     def layer_start(self, layer: int) -> None:
         self.reuse.layer_start(layer)
         self._ranked = None
+
+    def insert(self, key: ExpertKey, prefetch: bool) -> None:
+        self._resident[key] = None
+
+    def evict(self, key: ExpertKey) -> None:
+        self._resident.pop(key, None)
 
     def access(self, key: ExpertKey, hit: bool) -> None:
         # Uses inside the running layer do not re-rank this step's candidates: they move the candidates'
@@ -450,17 +486,26 @@ class PredictivePolicy(EvictionPolicy):
         idx = np.fromiter((k[0] * E + k[1] for k in keys), dtype=np.int64, count=len(keys))
         return self.reuse.features(idx) @ self.weights
 
-    def victim(self, candidates: Sequence[ExpertKey]) -> ExpertKey:
-        # Several victims are usually asked for in one layer step, from nearly the same candidates: rank
-        # them once per step and hand out the best one still offered.
-        if self._ranked is not None:
-            while self._ranked:
-                key = self._ranked.pop()
-                if key in candidates:
+    def victim(self, evictable: Callable[[ExpertKey], bool]) -> ExpertKey | None:
+        # Several victims are usually asked for in one layer step: rank the resident keys once per step
+        # (O(resident), vectorised) and hand out the best one still resident and evictable.
+        for _attempt in range(2):
+            if self._ranked is None:
+                keys = list(self._resident)
+                if not keys:
+                    return None
+                order = np.argsort(self.predicted_log_distance(keys), kind="stable")  # the best victim last
+                self._ranked = [keys[i] for i in order.tolist()]
+            for i in range(len(self._ranked) - 1, -1, -1):
+                key = self._ranked[i]
+                if key not in self._resident:
+                    del self._ranked[i]
+                    continue
+                if evictable(key):
+                    del self._ranked[i]
                     return key
-        order = np.argsort(self.predicted_log_distance(candidates), kind="stable")  # the best victim last
-        self._ranked = [candidates[i] for i in order.tolist()]
-        return self._ranked.pop()
+            self._ranked = None  # keys inserted since the ranking may be evictable: rank again once
+        return None
 
 
 def fit_reuse_weights(

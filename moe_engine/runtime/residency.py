@@ -1,0 +1,457 @@
+"""The residency core: which expert holds which fast-tier slot, in which state, and what happens next.
+
+Pure bookkeeping (no tensors, no threads, no clocks). Two drivers run it: the runtime cache
+(``moe_engine.runtime.cache``: real slots, a mover, wall time) and the trace-driven simulator
+(``moe_engine.offline.simulator``: a virtual clock). Both call the same methods in the same order,
+so a simulated hit rate, prefetch count or eviction sequence is what the runtime does on that trace.
+
+Glossary:
+
+* key: ``(layer, expert)``; layer is the index among the model's MoE layers.
+* slot: one of ``num_slots`` fast-tier places of one expert each (``num_slots * expert_bytes <= budget``).
+* state of a resident key: ``LOADING`` (a copy into its slot was started and has not been seen to
+  finish) or ``READY``. A failed copy frees the slot at once (``failed``): the key is absent again and
+  the next use loads it anew. Absent keys have no entry.
+* protected: keys the running layer still needs; never evicted. A key stops being protected once the
+  layer has computed it (``release``), so a layer needing more experts than there are slots runs in
+  *waves* that reuse slots.
+* ready hit / late hit / miss: a demanded key that was READY / LOADING (a prefetch still in flight:
+  its remaining copy time is a stall) / absent when its layer started.
+* prefetch rule (one for both drivers): after a layer's demand loads are started, the predicted keys of
+  the next layers, best first, take free slots or the policy's victims among keys neither protected nor
+  predicted, at most ``limit`` new loads per layer step. The eviction policy sees the prediction
+  scores through ``observe_scores`` before any victim is chosen.
+
+A layer runs as a *schedule* (``layer_schedule``): a generator yielding ``Load`` (start copying a key
+into a slot), one ``Predict`` (issue prefetches now: behind this layer's demand loads, before compute)
+and ``Compute`` (the key's weights are needed now), in a deterministic order: hits in expert order,
+then misses in expert order. Deterministic, so that the runtime's decisions never depend on how fast
+a copy happened to be, only its stall times do.
+
+Every operation costs O(1) (plus the policy's victim search, O(log n) or O(skipped keys)), so the core
+scales to DeepSeek-V3's 14,848 experts.
+
+Example::
+
+    core = Residency(num_slots=4, policy=make_policy("lru", num_layers=2, num_experts=8, capacity=4),
+                     num_layers=2, expert_bytes=1024)
+    for step in core.layer_schedule(0, [1, 5], ready=lambda key: True):
+        if isinstance(step, Load):
+            ...  # start the copy of step.key into step.slot; later: core.loaded(step.key)
+        elif isinstance(step, Compute):
+            ...  # wait for the copy, compute with the slot
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from moe_engine.runtime.policies import EvictionPolicy, ExpertKey
+from moe_engine.runtime.stats import EngineStats, LayerStats
+
+LOADING, READY = 1, 2
+
+
+@dataclass(frozen=True, slots=True)
+class Load:
+    """Start copying ``key`` into ``slot`` (a demand load, or a prefetch when ``prefetch``)."""
+
+    key: ExpertKey
+    slot: int
+    prefetch: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Compute:
+    """The running layer needs ``key`` (in ``slot``) now; ``hit`` when it was resident as the layer began."""
+
+    key: ExpertKey
+    slot: int
+    hit: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Predict:
+    """This layer's demand loads are started: issue prefetches for the next layers now."""
+
+    layer: int
+
+
+PREDICT = Predict(-1)
+
+
+class _Entry:
+    __slots__ = ("slot", "state", "prefetched")
+
+    def __init__(self, slot: int, state: int, prefetched: bool) -> None:
+        self.slot = slot
+        self.state = state
+        self.prefetched = prefetched  # resident by a prefetch that no layer has used yet
+
+
+@dataclass
+class Counters:
+    """Per-layer counters, as lists indexed by MoE layer (cheap to bump); ``snapshot`` names them."""
+
+    num_layers: int
+    hits: list[int] = field(default_factory=list)
+    late_hits: list[int] = field(default_factory=list)
+    misses: list[int] = field(default_factory=list)
+    prefetches: list[int] = field(default_factory=list)
+    prefetch_hits: list[int] = field(default_factory=list)
+    wasted_prefetches: list[int] = field(default_factory=list)
+    mispredictions: list[int] = field(default_factory=list)
+    evictions: list[int] = field(default_factory=list)
+    failed_loads: list[int] = field(default_factory=list)
+    stall_seconds: list[float] = field(default_factory=list)
+    late_stall_seconds: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        for name in self.names():
+            setattr(self, name, [0.0 if name.endswith("seconds") else 0] * self.num_layers)
+
+    @staticmethod
+    def names() -> tuple[str, ...]:
+        return (
+            "hits", "late_hits", "misses", "prefetches", "prefetch_hits", "wasted_prefetches",
+            "mispredictions", "evictions", "failed_loads", "stall_seconds", "late_stall_seconds",
+        )  # fmt: skip
+
+
+class Residency:
+    """Slots, states, protection, policy events, prefetch admission and counters of one fast tier.
+
+    ``log``: when a list, every decision is appended to it as ``(event, key)`` with event one of
+    ``"hit"`` (resident when its layer started, ready or late), ``"miss"``, ``"load"`` (a demand load
+    started), ``"prefetch"``, ``"evict"`` and ``"fail"``: the sequence the simulator/runtime
+    equivalence test compares.
+    """
+
+    def __init__(
+        self,
+        *,
+        num_slots: int,
+        policy: EvictionPolicy,
+        num_layers: int,
+        expert_bytes: int,
+        budget_bytes: int | None = None,
+        keep_resident: bool = True,
+        log: list[tuple[str, ExpertKey]] | None = None,
+    ) -> None:
+        if num_slots < 1:
+            raise ValueError(f"the fast tier needs at least one slot, got {num_slots}")
+        self.num_slots = num_slots
+        self.policy = policy
+        self.num_layers = num_layers
+        self.expert_bytes = expert_bytes
+        self.budget_bytes = budget_bytes if budget_bytes is not None else num_slots * expert_bytes
+        self.keep_resident = keep_resident
+        self.log = log
+        self.entries: dict[ExpertKey, _Entry] = {}
+        self.free: list[int] = list(range(num_slots - 1, -1, -1))
+        self.protected: set[ExpertKey] = set()
+        self._keep: set[ExpertKey] = set()  # predicted keys during a prefetch call: not victims either
+        self._unjudged: dict[int, set[ExpertKey]] = {}  # layer -> prefetched for it, not judged yet
+        self._observe = type(policy).observe_scores is not EvictionPolicy.observe_scores
+        self.c = Counters(num_layers)
+        self.bytes_moved = [0] * num_layers
+        self.prefetch_bytes = [0] * num_layers
+        self.peak_resident = 0
+        self.predict_seconds = 0.0
+
+    # ------------------------------------------------------------------ queries
+    def __contains__(self, key: ExpertKey) -> bool:
+        return key in self.entries
+
+    def slot_of(self, key: ExpertKey) -> int | None:
+        e = self.entries.get(key)
+        return None if e is None else e.slot
+
+    def state(self, key: ExpertKey) -> int | None:
+        e = self.entries.get(key)
+        return None if e is None else e.state
+
+    def loading(self) -> list[tuple[ExpertKey, int]]:
+        """``(key, slot)`` of every key whose copy has not been seen to finish."""
+        return [(k, e.slot) for k, e in self.entries.items() if e.state == LOADING]
+
+    @property
+    def resident_bytes(self) -> int:
+        return len(self.entries) * self.expert_bytes
+
+    def _evictable(self, key: ExpertKey) -> bool:
+        return key not in self.protected and key not in self._keep
+
+    # ------------------------------------------------------------------ state changes
+    def loaded(self, key: ExpertKey) -> None:
+        """The copy of ``key`` finished: it is READY."""
+        e = self.entries.get(key)
+        if e is not None:
+            e.state = READY
+
+    def failed(self, key: ExpertKey) -> None:
+        """The copy of ``key`` failed and has stopped: free its slot; the next use loads it again."""
+        e = self.entries.pop(key, None)
+        if e is None:
+            return
+        self.free.append(e.slot)
+        self.policy.evict(key)
+        self.c.failed_loads[key[0]] += 1
+        self.protected.discard(key)
+        if self.log is not None:
+            self.log.append(("fail", key))
+
+    def _evict_one(self) -> int | None:
+        """Free a slot by evicting the policy's victim; None when every resident key is protected."""
+        while True:
+            victim = self.policy.victim(self._evictable)
+            if victim is None:
+                return None
+            e = self.entries.pop(victim, None)
+            if e is None:  # the policy knew a key the core had already dropped: forget it, ask again
+                self.policy.evict(victim)
+                continue
+            self.policy.evict(victim)
+            layer = victim[0]
+            self.c.evictions[layer] += 1
+            if e.prefetched:
+                self.c.wasted_prefetches[layer] += 1
+            if self.log is not None:
+                self.log.append(("evict", victim))
+            return e.slot
+
+    def _admit(self, key: ExpertKey, prefetch: bool) -> int | None:
+        """Give ``key`` a slot (free, or the policy's victim's) in state LOADING; None if none can be had."""
+        if self.free:
+            slot = self.free.pop()
+        else:
+            got = self._evict_one()
+            if got is None:
+                return None
+            slot = got
+        self.entries[key] = _Entry(slot, LOADING, prefetch)
+        self.policy.insert(key, prefetch=prefetch)
+        layer = key[0]
+        self.bytes_moved[layer] += self.expert_bytes
+        if prefetch:
+            self.prefetch_bytes[layer] += self.expert_bytes
+        n = len(self.entries)
+        if n > self.peak_resident:
+            self.peak_resident = n
+        return slot
+
+    def _repair(self) -> None:
+        """Rebuild the free list if an interrupted operation lost a slot (never seen in normal runs)."""
+        used = {e.slot for e in self.entries.values()}
+        self.free = [s for s in range(self.num_slots - 1, -1, -1) if s not in used]
+
+    # ------------------------------------------------------------------ one layer
+    def layer_schedule(
+        self, layer: int, experts: Sequence[int], ready: Callable[[ExpertKey], bool]
+    ) -> Iterator[Load | Predict | Compute]:
+        """Run MoE layer ``layer`` needing ``experts``; see the module docstring for the steps.
+
+        ``ready(key)`` tells whether a LOADING key's copy has finished (the runtime polls its ticket;
+        the simulator asks its clock). The driver must perform each ``Load`` before resuming the
+        generator, issue prefetches (``prefetch``) at ``Predict``, and finish using a ``Compute``'s slot
+        before resuming; closing the generator early (an exception) leaves the core consistent.
+        """
+        if len(self.free) + len(self.entries) != self.num_slots:
+            self._repair()
+        self.policy.layer_start(layer)
+        c = self.c
+        keys = [(layer, e) for e in experts]
+        judged = self._unjudged.pop(layer, None)
+        if judged:  # prefetches aimed at this layer that it does not use were mispredictions
+            c.mispredictions[layer] += len(judged.difference(keys))
+        self.protected = set(keys)  # also drops protection left by an interrupted layer
+        log = self.log
+        hits: list[ExpertKey] = []
+        to_load: deque[ExpertKey] = deque()
+        entries = self.entries
+        policy = self.policy
+        for k in keys:
+            e = entries.get(k)
+            if e is None:
+                c.misses[layer] += 1
+                to_load.append(k)
+                if log is not None:
+                    log.append(("miss", k))
+                continue
+            if e.state == LOADING and ready(k):
+                e.state = READY
+            if e.state == READY:
+                c.hits[layer] += 1
+            else:
+                c.late_hits[layer] += 1
+            if e.prefetched:
+                e.prefetched = False
+                c.prefetch_hits[layer] += 1
+            policy.access(k, hit=True)
+            hits.append(k)
+            if log is not None:
+                log.append(("hit", k))
+        try:
+            yield from self._start_loads(to_load)
+            yield PREDICT
+            hit_set = set(hits)
+            order = hits + [k for k in keys if k not in hit_set]
+            for k in order:
+                e = entries.get(k)
+                if e is None:  # a wave: its load waited for a slot that earlier computes freed
+                    yield from self._start_loads(to_load)
+                    e = entries.get(k)
+                    if e is None:
+                        raise RuntimeError(f"residency: no slot for expert {k} (all {self.num_slots} protected)")
+                yield Compute(k, e.slot, k in hit_set)
+                self.protected.discard(k)
+                if not self.keep_resident:
+                    self._drop(k)
+                elif to_load:
+                    yield from self._start_loads(to_load)
+        finally:
+            self.protected = set()
+
+    def _start_loads(self, to_load: deque[ExpertKey]) -> Iterator[Load]:
+        while to_load:
+            k = to_load[0]
+            slot = self._admit(k, prefetch=False)
+            if slot is None:
+                return
+            to_load.popleft()
+            self.policy.access(k, hit=False)
+            if self.log is not None:
+                self.log.append(("load", k))
+            yield Load(k, slot)
+
+    def _drop(self, key: ExpertKey) -> None:
+        """Load-on-demand mode: the key leaves as soon as it was used."""
+        e = self.entries.pop(key, None)
+        if e is not None:
+            self.free.append(e.slot)
+            self.policy.evict(key)
+
+    # ------------------------------------------------------------------ prefetch
+    def observe(self, scores: Mapping[ExpertKey, float]) -> None:
+        """Predictor probabilities for upcoming keys reach the policy (prediction-aware policies)."""
+        if self._observe and scores:
+            self.policy.observe_scores(scores)
+
+    def prefetch(self, ranked: Sequence[ExpertKey], limit: int) -> list[Load]:
+        """Start loads for the best-ranked absent keys; never evicts a protected or ranked key."""
+        if not self.keep_resident or limit <= 0 or not ranked:
+            return []
+        self._keep = set(ranked)
+        loads: list[Load] = []
+        try:
+            for k in ranked:
+                if len(loads) >= limit:
+                    break
+                if k in self.entries:
+                    continue
+                slot = self._admit(k, prefetch=True)
+                if slot is None:
+                    break
+                layer = k[0]
+                self.c.prefetches[layer] += 1
+                self._unjudged.setdefault(layer, set()).add(k)
+                if self.log is not None:
+                    self.log.append(("prefetch", k))
+                loads.append(Load(k, slot, prefetch=True))
+        finally:
+            self._keep = set()
+        return loads
+
+    # ------------------------------------------------------------------ stats
+    def record_stall(self, key: ExpertKey, seconds: float, late: bool) -> None:
+        self.c.stall_seconds[key[0]] += seconds
+        if late:
+            self.c.late_stall_seconds[key[0]] += seconds
+
+    def stats(self) -> EngineStats:
+        """A snapshot of the counters: totals, per layer, budget facts."""
+        c = self.c
+        per_layer = []
+        for layer in range(self.num_layers):
+            ls = LayerStats(**{n: getattr(c, n)[layer] for n in Counters.names()})
+            ls.bytes_moved = self.bytes_moved[layer]
+            ls.prefetch_bytes = self.prefetch_bytes[layer]
+            per_layer.append(ls)
+        total = EngineStats(
+            **{n: sum(getattr(c, n)) for n in Counters.names()},
+            bytes_moved=sum(self.bytes_moved),
+            prefetch_bytes=sum(self.prefetch_bytes),
+            predict_seconds=self.predict_seconds,
+            budget_bytes=self.budget_bytes,
+            expert_bytes=self.expert_bytes,
+            num_slots=self.num_slots,
+            resident_bytes=self.resident_bytes,
+            peak_resident_bytes=self.peak_resident * self.expert_bytes,
+            per_layer=per_layer,
+        )
+        return total
+
+    def reset_stats(self) -> None:
+        """Zero the counters; residency is kept and the peak restarts from the current residency."""
+        self.c = Counters(self.num_layers)
+        self.bytes_moved = [0] * self.num_layers
+        self.prefetch_bytes = [0] * self.num_layers
+        self.peak_resident = len(self.entries)
+        self.predict_seconds = 0.0
+
+
+# ---------------------------------------------------------------------- predictions, shared by both drivers
+
+
+def scores_to_probs(scores: np.ndarray, top_k: int) -> np.ndarray:
+    """Per-row ``[..., E]`` scores to pseudo-probabilities of being chosen: softmax scaled to sum to K, clipped.
+
+    Predictors return scores on different scales (logits, counts, probabilities); the prefetch rule and
+    the prediction-aware policy need one scale to compare experts of different layers.
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    if np.all(s >= 0) and np.allclose(s.sum(-1), 0.0):
+        return np.zeros_like(s)
+    if np.all(s >= 0):  # counts or probabilities: normalise linearly
+        p = s / np.maximum(s.sum(-1, keepdims=True), 1e-12)
+    else:
+        z = s - s.max(-1, keepdims=True)
+        p = np.exp(z)
+        p /= p.sum(-1, keepdims=True)
+    return np.minimum(p * top_k, 1.0)
+
+
+@dataclass(frozen=True)
+class PrefetchRule:
+    """Which predicted experts are prefetched: at most ``per_layer`` per predicted layer and step, each
+    with probability >= ``min_prob``; probabilities above ``observe_min`` reach the policy."""
+
+    per_layer: int = 6
+    min_prob: float = 0.25
+    observe_min: float = 1e-3
+
+    def __post_init__(self) -> None:
+        if self.per_layer < 0:
+            raise ValueError(f"prefetch per layer must be >= 0, got {self.per_layer}")
+        if not 0.0 <= self.min_prob <= 1.0:
+            raise ValueError(f"prefetch min_prob must be in [0, 1], got {self.min_prob}")
+
+    def layer_candidates(self, target: int, probs: np.ndarray) -> tuple[list[ExpertKey], dict[ExpertKey, float]]:
+        """``probs [T, E]`` (one row per token) for MoE layer ``target`` -> (ranked keys, observed scores).
+
+        Tokens are combined as the probability that at least one of them needs the expert.
+        """
+        p = np.asarray(probs, dtype=np.float64)
+        if p.ndim == 2:
+            p = p[0] if p.shape[0] == 1 else 1.0 - np.prod(1.0 - p, axis=0)
+        scored = {(target, int(e)): float(p[e]) for e in np.flatnonzero(p > self.observe_min).tolist()}
+        ranked: list[ExpertKey] = []
+        for e in np.argsort(-p, kind="stable")[: self.per_layer].tolist():
+            if p[e] <= 0 or p[e] < self.min_prob:
+                break
+            ranked.append((target, int(e)))
+        return ranked, scored
