@@ -47,7 +47,14 @@ import numpy as np
 
 from moe_engine.offline.traces import RoutingTrace
 from moe_engine.runtime.policies import EvictionPolicy, ExpertKey, fit_reuse_weights, make_policy
-from moe_engine.runtime.residency import Compute, Load, PrefetchRule, Residency, scores_to_probs
+from moe_engine.runtime.residency import (
+    Compute,
+    Load,
+    PrefetchRule,
+    Residency,
+    prediction_probs,
+    scores_to_probs,
+)
 
 if TYPE_CHECKING:
     from moe_engine.predictors.base import Predictor
@@ -377,7 +384,7 @@ def simulate(
             if d >= L:
                 break
             s = predictor.trace_scores(trace, d)  # [T, L - d, E]
-            probs.append(scores_to_probs(s, K).astype(np.float32))
+            probs.append(prediction_probs(s, K))
 
     if main is None:
         def ready(key: ExpertKey) -> bool:

@@ -50,6 +50,7 @@ class ExpertCache:
         device: torch.device,
         mover: Mover,
         locate: Callable[[ExpertKey], ExpertLocation],
+        retries: int = 1,
     ) -> None:
         self.slot_numel = 3 * intermediate * hidden
         self.expert_bytes = self.slot_numel * dtype.itemsize
@@ -63,6 +64,7 @@ class ExpertCache:
         self.slots = torch.empty(core.num_slots, self.slot_numel, dtype=dtype, device=device)
         self.mover = mover
         self.locate = locate
+        self.retries = retries  # a failed copy is read again this many times before the error is raised
         # slot -> (key, ticket) of the last copy started into it. The key is kept with the ticket so a
         # ticket is never taken for another key's copy (a load admitted but not yet submitted).
         self.tickets: dict[int, tuple[ExpertKey, Ticket]] = {}
@@ -108,20 +110,30 @@ class ExpertCache:
         if kt is None or kt[0] != key:  # admitted but never submitted (an interrupt in between): submit now
             self._submit(Load(key, slot))
             kt = self.tickets[slot]
-        t = kt[1]
-        try:
-            stall = t.wait()
-        except BaseException as exc:
-            if not t.done() or isinstance(exc, MoverClosedError):
-                raise  # e.g. Ctrl-C while waiting: the copy goes on, the key stays LOADING
-            with deferred_interrupts():
-                core.failed(key)
-            if isinstance(exc, CheckpointError):
-                raise
-            raise ExpertReadError(
-                f"reading expert {key[1]} of MoE layer {key[0]} failed ({type(exc).__name__}: {exc}); "
-                "nothing was cached from it, the next call reads it again"
-            ) from exc
+        stall = 0.0
+        for attempt in range(1 + self.retries):
+            t = kt[1]
+            try:
+                stall += t.wait()
+                break
+            except BaseException as exc:
+                if not t.done() or isinstance(exc, MoverClosedError):
+                    raise  # e.g. Ctrl-C while waiting: the copy goes on, the key stays LOADING
+                if attempt < self.retries and not isinstance(exc, CheckpointError):
+                    # A transient error (EIO, a prefetch that failed earlier): read it again, same slot.
+                    with deferred_interrupts():
+                        core.count_failure(key)
+                        self._submit(Load(key, slot))
+                        kt = self.tickets[slot]
+                    continue
+                with deferred_interrupts():
+                    core.failed(key)
+                if isinstance(exc, CheckpointError):
+                    raise
+                raise ExpertReadError(
+                    f"reading expert {key[1]} of MoE layer {key[0]} failed {attempt + 1} times "
+                    f"({type(exc).__name__}: {exc}); nothing was cached from it, the next call reads it again"
+                ) from exc
         with deferred_interrupts():
             core.loaded(key)
             core.record_stall(key, stall, late=step.hit)

@@ -23,6 +23,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 _main = threading.main_thread()
+_depth = 0  # deferred blocks open on the main thread (tests that inject interrupts honour it)
+
+
+def deferring() -> bool:
+    """True while the main thread is inside a ``deferred_interrupts`` block."""
+    return _depth > 0
 
 
 @contextmanager
@@ -38,11 +44,14 @@ def deferred_interrupts() -> Iterator[None]:
     if not callable(previous):  # SIG_IGN / SIG_DFL: Python raises nothing, nothing to defer
         yield
         return
+    global _depth
     received: list[tuple[int, object]] = []
     signal.signal(signal.SIGINT, lambda signum, frame: received.append((signum, frame)))
+    _depth += 1
     try:
         yield
     finally:
+        _depth -= 1
         signal.signal(signal.SIGINT, previous)
         if received:
             previous(*received[0])  # the default handler raises KeyboardInterrupt here

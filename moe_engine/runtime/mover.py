@@ -87,7 +87,7 @@ class _Job:
         self.loc, self.slot, self.after = loc, slot, after
         self.future: Future = Future()
         self._state = _Job.QUEUED
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
 
     def claim(self) -> bool:
         """A worker takes the job: True once, if it was neither taken nor cancelled."""

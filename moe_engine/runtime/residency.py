@@ -193,6 +193,10 @@ class Residency:
         if e is not None:
             e.state = READY
 
+    def count_failure(self, key: ExpertKey) -> None:
+        """A copy of ``key`` failed and is being retried into the same slot (the state stays LOADING)."""
+        self.c.failed_loads[key[0]] += 1
+
     def failed(self, key: ExpertKey) -> None:
         """The copy of ``key`` failed and has stopped: free its slot; the next use loads it again."""
         e = self.entries.pop(key, None)
@@ -264,7 +268,7 @@ class Residency:
             self._repair()
         self.policy.layer_start(layer)
         c = self.c
-        keys = [(layer, e) for e in experts]
+        keys = [(layer, e) for e in sorted(set(experts))]  # one order for every driver: ascending ids
         judged = self._unjudged.pop(layer, None)
         if judged:  # prefetches aimed at this layer that it does not use were mispredictions
             c.mispredictions[layer] += len(judged.difference(keys))
@@ -423,6 +427,11 @@ def scores_to_probs(scores: np.ndarray, top_k: int) -> np.ndarray:
         p = np.exp(z)
         p /= p.sum(-1, keepdims=True)
     return np.minimum(p * top_k, 1.0)
+
+
+def prediction_probs(scores: np.ndarray, top_k: int) -> np.ndarray:
+    """``scores_to_probs`` as both drivers keep them: float32 (so the rule sees the same numbers)."""
+    return scores_to_probs(scores, top_k).astype(np.float32)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,202 @@
+"""Faults injected into a running model: each call either raises a clear error or returns exactly stock's
+tokens, and the next call on the same model returns exactly stock's tokens.
+
+* Read errors: the store's expert read raises a transient EIO at random reads (seeded), sometimes after
+  writing garbage into part of the slot (a read that died half-way).
+* Ctrl-C: ``KeyboardInterrupt`` raised at a random line of the runtime's code (any statement of
+  ``moe_engine/runtime``, seeded, via ``sys.settrace``), and real SIGINTs (``_thread.interrupt_main``)
+  at random moments.
+
+Every architecture, 100 seeds each, prefetch on, at a budget of one expert (every layer runs in waves)
+and at 0.5.
+"""
+
+from __future__ import annotations
+
+import _thread
+import errno
+import random
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import tiny_models
+import torch
+from tiny_models import ARCHITECTURES, PAD_ID, expert_bytes, tiny_config
+from transformers import AutoModelForCausalLM
+
+import moe_engine
+from moe_engine.runtime.cache import ExpertReadError
+from moe_engine.runtime.interrupts import deferring
+
+SEEDS = 100
+NEW_TOKENS = 5
+RUNTIME_DIR = str(Path(moe_engine.__file__).parent / "runtime")
+NOT_TRACED = ("interrupts.py",)  # the deferral itself runs with signals masked by design
+
+
+def _batch():
+    g = torch.Generator().manual_seed(11)
+    ids = torch.randint(4, tiny_models.VOCAB_SIZE, (2, 7), generator=g)
+    mask = torch.ones_like(ids)
+    ids[0, :2] = PAD_ID
+    mask[0, :2] = 0
+    return ids, mask
+
+
+def _generate(model) -> torch.Tensor:
+    ids, mask = _batch()
+    return model.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
+        pad_token_id=PAD_ID, eos_token_id=None,
+    )  # fmt: skip
+
+
+def _stock_tokens(path) -> torch.Tensor:
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return _generate(model)
+
+
+def _models(path, variant):
+    one = expert_bytes(tiny_config(variant), torch.float32)
+    return [moe_engine.from_pretrained(path, budget=b, device="cpu") for b in (one, 0.5)]
+
+
+class _FlakyReads:
+    """Wraps a store's ``read_expert_into``: each read fails with EIO with probability ``p``; half the
+    failures first scribble over the start of the slot."""
+
+    def __init__(self, store, seed: int, p: float) -> None:
+        self.store, self.real = store, store.read_expert_into
+        self.rng = random.Random(seed)
+        self.p = p
+        self.lock = threading.Lock()
+        self.failures = 0
+
+    def __call__(self, loc, slot):
+        with self.lock:
+            fail = self.rng.random() < self.p
+            partial = self.rng.random() < 0.5
+        if fail:
+            self.failures += 1
+            if partial:
+                slot[: max(1, slot.numel() // 3)] = float("nan")
+            raise OSError(errno.EIO, "injected transient I/O error")
+        return self.real(loc, slot)
+
+    def __enter__(self):
+        self.store.read_expert_into = self
+        return self
+
+    def __exit__(self, *exc) -> None:
+        del self.store.read_expert_into  # back to the class's method
+
+
+@pytest.mark.parametrize("variant", ARCHITECTURES)
+def test_transient_read_errors(tiny_checkpoint, variant):
+    path = tiny_checkpoint(variant)
+    want = _stock_tokens(path)
+    failures = raised = 0
+    for model in _models(path, variant):
+        for seed in range(SEEDS // 2):
+            with _FlakyReads(model.engine.store, seed, p=0.15) as flaky:
+                try:
+                    got = _generate(model)
+                except ExpertReadError as exc:
+                    assert "injected transient I/O error" in str(exc.__cause__)
+                    raised += 1
+                else:
+                    assert torch.equal(got, want), f"seed {seed}: wrong tokens after {flaky.failures} read errors"
+                failures += flaky.failures
+            assert torch.equal(_generate(model), want), f"seed {seed}: the next call is wrong"
+        model.close()
+    assert failures > 0 and raised > 0  # the injection really fired
+
+
+class _InterruptAtLine:
+    """A ``sys.settrace`` tracer counting line events in the runtime's files; raises KeyboardInterrupt
+    at line event number ``at`` (never when ``at`` is None: it only counts). Like a real SIGINT, an
+    interrupt due inside a ``deferred_interrupts`` block is raised at the first line after it."""
+
+    def __init__(self, at: int | None) -> None:
+        self.at, self.count, self.fired, self.pending = at, 0, False, False
+
+    def _local(self, frame, event, arg):
+        if event == "line":
+            self.count += 1
+            if self.at is not None and self.count >= self.at and not self.fired:
+                if deferring():
+                    self.pending = True
+                else:
+                    self.fired = True
+                    raise KeyboardInterrupt
+        return self._local
+
+    def __call__(self, frame, event, arg):
+        file = frame.f_code.co_filename
+        if file.startswith(RUNTIME_DIR) and not file.endswith(NOT_TRACED):
+            return self._local
+        return None
+
+
+def _traced(model, tracer):
+    sys.settrace(tracer)
+    try:
+        return _generate(model)
+    finally:
+        sys.settrace(None)
+
+
+@pytest.mark.parametrize("variant", ARCHITECTURES)
+def test_keyboard_interrupt_between_any_two_statements(tiny_checkpoint, variant):
+    path = tiny_checkpoint(variant)
+    want = _stock_tokens(path)
+    interrupted = 0
+    for i, model in enumerate(_models(path, variant)):
+        counter = _InterruptAtLine(None)
+        _traced(model, counter)  # how many runtime lines one call executes
+        rng = random.Random(1000 * i + 17)
+        for seed in range(SEEDS // 2):
+            tracer = _InterruptAtLine(rng.randrange(1, counter.count + 1))
+            try:
+                got = _traced(model, tracer)
+            except KeyboardInterrupt:
+                interrupted += 1
+            else:
+                assert torch.equal(got, want), f"seed {seed}: wrong tokens after an interrupt at line {tracer.at}"
+            assert torch.equal(_generate(model), want), f"seed {seed}: wrong tokens after an interrupt at line {tracer.at}"
+        model.close()
+    assert interrupted >= SEEDS // 2  # most runs really were interrupted
+
+
+def test_real_sigint_at_random_moments(tiny_checkpoint):
+    path = tiny_checkpoint("qwen3_moe")
+    want = _stock_tokens(path)
+    model = _models(path, "qwen3_moe")[0]
+    t0 = time.perf_counter()
+    _generate(model)
+    duration = time.perf_counter() - t0
+    rng = random.Random(5)
+    interrupted = 0
+    for seed in range(30):
+        timer = threading.Timer(rng.uniform(0, duration), _thread.interrupt_main)
+        try:
+            timer.start()
+            got = _generate(model)
+            time.sleep(duration * 0.1)  # a late signal lands here, not in the next check
+        except KeyboardInterrupt:
+            interrupted += 1
+        else:
+            assert torch.equal(got, want), f"seed {seed}: wrong tokens"
+        finally:
+            timer.cancel()
+            timer.join()
+        try:
+            got = _generate(model)
+        except KeyboardInterrupt:  # the timer fired after the first call: run the check again
+            got = _generate(model)
+        assert torch.equal(got, want), f"seed {seed}: the call after an interrupt is wrong"
+    model.close()
+    assert interrupted > 0
