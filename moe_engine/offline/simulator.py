@@ -370,9 +370,10 @@ def simulate(
     if cfg.prefetch and predictor is None:
         raise ValueError("prefetch needs a predictor (--predictor NAME)")
     expert_bytes = _expert_bytes(trace, cfg)
-    # Every profile is projected (cheap); cfg.profile picks the one reported in the top-level fields
-    # and the clock that decides whether a prefetched expert has arrived (ready) or is late.
-    clocks = [_Timeline(p, expert_bytes, cfg.layer_overhead_s, K) for p in PROFILES.values()]
+    # With a profile, every profile is projected (cheap); cfg.profile picks the one reported in the
+    # top-level fields and the clock that decides whether a prefetched expert has arrived (ready) or is
+    # late. Without one (profile=None) nothing is timed and every copy counts as arrived.
+    clocks = [_Timeline(p, expert_bytes, cfg.layer_overhead_s, K) for p in PROFILES.values()] if cfg.profile else []
     main = next((c for c in clocks if c.profile.name == cfg.profile), None)
     core = Residency(num_slots=capacity, policy=policy, num_layers=L, expert_bytes=expert_bytes, log=log)
     rule = PrefetchRule(per_layer=cfg.prefetch_per_layer, min_prob=cfg.prefetch_min_prob)
@@ -398,7 +399,7 @@ def simulate(
         for layer in range(L):
             for c in clocks:
                 c.step_begin()
-            for step in core.layer_schedule(layer, all_ids[t][layer], ready):
+            for step in core.layer_schedule(layer, all_ids[t][layer], ready, computes=bool(clocks)):
                 if type(step) is Compute:
                     if step.hit:
                         for c in clocks:

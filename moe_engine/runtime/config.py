@@ -83,7 +83,8 @@ class EngineConfig:
     * ``prefetch_min_prob``: prefetch only experts whose predicted probability reaches this.
     * ``page_cache``: allow the OS page cache to keep expert file pages (default off, so the budget is real).
     * ``io_threads``: slow-tier reader threads (CPU mover).
-    * ``host_tier``: on CUDA, ``"pinned"`` keeps all experts in pinned host RAM, ``"disk"`` streams them.
+    * ``host_tier``: on CUDA, ``"auto"`` (pinned host arena when it fits RAM, nothing pinned when every
+      expert fits the budget, else disk), ``"pinned"`` or ``"disk"`` (``moe_engine.runtime.host_tier``).
     """
 
     budget: int | float = 0.25
@@ -94,7 +95,7 @@ class EngineConfig:
     prefetch_min_prob: float = 0.25
     page_cache: bool = False
     io_threads: int = 2
-    host_tier: str = "pinned"
+    host_tier: str = "auto"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "budget", parse_budget(self.budget))
@@ -106,7 +107,7 @@ class EngineConfig:
             raise ValueError(f"prefetch_min_prob must be in [0, 1], got {self.prefetch_min_prob}")
         if self.io_threads < 1:
             raise ValueError("io_threads must be >= 1")
-        if self.host_tier not in ("pinned", "disk"):
-            raise ValueError(f"host_tier must be 'pinned' or 'disk', got {self.host_tier!r}")
+        if self.host_tier not in ("auto", "pinned", "disk"):
+            raise ValueError(f"host_tier must be 'auto', 'pinned' or 'disk', got {self.host_tier!r}")
         if self.policy == "none" and self.predictor is not None:
             raise ValueError("policy='none' keeps nothing resident, so prefetch cannot work: set predictor=None")

@@ -77,14 +77,15 @@ class Mover(ABC):
 
 
 class _Job:
-    """One queued read. It may sit in the queue twice after a promotion; it runs at most once."""
+    """One queued read (and, on CUDA, its copy). It may sit in the queue twice after a promotion; it runs
+    at most once. Shared by ``ThreadMover`` and ``CudaMover``'s disk mode."""
 
-    __slots__ = ("loc", "slot", "after", "future", "_state", "_lock")
+    __slots__ = ("loc", "slot", "slot_index", "after", "future", "_state", "_lock")
 
     QUEUED, RUNNING, CANCELLED = 0, 1, 2
 
-    def __init__(self, loc: ExpertLocation, slot: torch.Tensor, after: Ticket | None) -> None:
-        self.loc, self.slot, self.after = loc, slot, after
+    def __init__(self, loc: ExpertLocation, slot: torch.Tensor, after: Ticket | None, slot_index: int = -1) -> None:
+        self.loc, self.slot, self.slot_index, self.after = loc, slot, slot_index, after
         self.future: Future = Future()
         self._state = _Job.QUEUED
         self._lock = threading.RLock()
@@ -98,17 +99,21 @@ class _Job:
             return True
 
     def cancel(self) -> bool:
+        """Withdraw a queued job: True when it will never run (cancelled now or before)."""
         with self._lock:
             if self._state == _Job.QUEUED:
                 self._state = _Job.CANCELLED
                 self.future.cancel()
-                self.loc = self.slot = self.after = None  # type: ignore[assignment]  # free the slot view
+                self.drop()
                 return True
-            return self._state == _Job.CANCELLED or self.future.done()
+            return self._state == _Job.CANCELLED
 
     @property
     def started(self) -> bool:
         return self._state != _Job.QUEUED
+
+    def drop(self) -> None:
+        self.loc = self.slot = self.after = None  # type: ignore[assignment]  # free the slot view
 
 
 class _JobTicket(Ticket):
@@ -119,7 +124,7 @@ class _JobTicket(Ticket):
         return self.job.future.done()
 
     def cancel(self) -> bool:
-        return self.job.cancel()
+        return self.job.cancel() or self.job.future.done()
 
     def wait(self) -> float:
         fut = self.job.future
@@ -216,7 +221,7 @@ def _worker(q: queue.PriorityQueue, store: CheckpointStore) -> None:
                 job.future.set_exception(exc)
             else:
                 job.future.set_result(None)
-            job.loc = job.slot = job.after = None
+            job.drop()
         del job
 
 

@@ -56,32 +56,37 @@ from moe_engine.runtime.stats import EngineStats, LayerStats
 LOADING, READY = 1, 2
 
 
-@dataclass(frozen=True, slots=True)
 class Load:
     """Start copying ``key`` into ``slot`` (a demand load, or a prefetch when ``prefetch``)."""
 
-    key: ExpertKey
-    slot: int
-    prefetch: bool = False
+    __slots__ = ("key", "slot", "prefetch")
+
+    def __init__(self, key: ExpertKey, slot: int, prefetch: bool = False) -> None:
+        self.key, self.slot, self.prefetch = key, slot, prefetch
+
+    def __repr__(self) -> str:
+        return f"Load({self.key}, slot={self.slot}, prefetch={self.prefetch})"
 
 
-@dataclass(frozen=True, slots=True)
 class Compute:
     """The running layer needs ``key`` (in ``slot``) now; ``hit`` when it was resident as the layer began."""
 
-    key: ExpertKey
-    slot: int
-    hit: bool
+    __slots__ = ("key", "slot", "hit")
+
+    def __init__(self, key: ExpertKey, slot: int, hit: bool) -> None:
+        self.key, self.slot, self.hit = key, slot, hit
+
+    def __repr__(self) -> str:
+        return f"Compute({self.key}, slot={self.slot}, hit={self.hit})"
 
 
-@dataclass(frozen=True, slots=True)
 class Predict:
     """This layer's demand loads are started: issue prefetches for the next layers now."""
 
-    layer: int
+    __slots__ = ()
 
 
-PREDICT = Predict(-1)
+PREDICT = Predict()
 
 
 class _Entry:
@@ -255,7 +260,7 @@ class Residency:
 
     # ------------------------------------------------------------------ one layer
     def layer_schedule(
-        self, layer: int, experts: Sequence[int], ready: Callable[[ExpertKey], bool]
+        self, layer: int, experts: Sequence[int], ready: Callable[[ExpertKey], bool], computes: bool = True
     ) -> Iterator[Load | Predict | Compute]:
         """Run MoE layer ``layer`` needing ``experts``; see the module docstring for the steps.
 
@@ -263,6 +268,9 @@ class Residency:
         the simulator asks its clock). The driver must perform each ``Load`` before resuming the
         generator, issue prefetches (``prefetch``) at ``Predict``, and finish using a ``Compute``'s slot
         before resuming; closing the generator early (an exception) leaves the core consistent.
+        ``computes=False`` (a driver with nothing to compute and no clock: the simulator without a time
+        projection) skips the ``Compute`` steps when no wave is needed, marking the loads READY itself;
+        the decisions are the same, since computing changes nothing until a wave needs a slot.
         """
         if len(self.free) + len(self.entries) != self.num_slots:
             self._repair()
@@ -275,43 +283,52 @@ class Residency:
         self.protected = set(keys)  # also drops protection left by an interrupted layer
         log = self.log
         hits: list[ExpertKey] = []
-        to_load: deque[ExpertKey] = deque()
+        misses: list[ExpertKey] = []
         entries = self.entries
         policy = self.policy
+        ready_hits = 0
+        access = policy.access
         for k in keys:
             e = entries.get(k)
             if e is None:
-                c.misses[layer] += 1
-                to_load.append(k)
+                misses.append(k)
                 if log is not None:
                     log.append(("miss", k))
                 continue
-            if e.state == LOADING and ready(k):
+            if e.state == READY or ready(k):
                 e.state = READY
-            if e.state == READY:
-                c.hits[layer] += 1
-            else:
-                c.late_hits[layer] += 1
+                ready_hits += 1
             if e.prefetched:
                 e.prefetched = False
                 c.prefetch_hits[layer] += 1
-            policy.access(k, hit=True)
+            access(k, hit=True)
             hits.append(k)
             if log is not None:
                 log.append(("hit", k))
+        c.hits[layer] += ready_hits
+        if len(hits) > ready_hits:
+            c.late_hits[layer] += len(hits) - ready_hits
         try:
-            yield from self._start_loads(to_load)
+            if misses:
+                c.misses[layer] += len(misses)
+                to_load = deque(misses)
+                yield from self._start_loads(to_load)
+            else:
+                to_load = deque()
             yield PREDICT
-            hit_set = set(hits)
-            order = hits + [k for k in keys if k not in hit_set]
-            for k in order:
+            if not computes and not to_load and self.keep_resident:
+                for k in misses:
+                    entries[k].state = READY
+                return
+            nh = len(hits)
+            for i, k in enumerate(hits + misses if misses else hits):
                 e = entries.get(k)
                 if e is None:  # a wave: its load waited for a slot that earlier computes freed
                     yield from self._start_loads(to_load)
                     e = entries.get(k)
                     if e is None:
                         raise RuntimeError(f"residency: no slot for expert {k} (all {self.num_slots} protected)")
-                yield Compute(k, e.slot, k in hit_set)
+                yield Compute(k, e.slot, i < nh)
                 self.protected.discard(k)
                 if not self.keep_resident:
                     self._drop(k)
