@@ -1,4 +1,4 @@
-"""``moe-engine bench``: measure the engine against offloading baselines (code in ``benchmarks/``)."""
+"""``moe-engine bench``: measure the engine against offloading baselines (the machinery: ``moe_engine.bench``)."""
 
 from __future__ import annotations
 
@@ -38,8 +38,10 @@ it; a run killed so is reported as "oom_killed". The JSON records per run the ca
 enforced, the cgroup's peak charge (whole run and generation), OOM kills and limit hits.
 
 Writes BENCH.json (settings, every figure, ratios against accelerate, the acceptance checks) and
-BENCH.png (decode tok/s and peak memory against budget) into --out, with BENCH = bench_<model>,
-and prints a table.
+BENCH.png (decode tok/s and peak memory against budget; only with matplotlib installed, the "bench"
+extra, else skipped with a note) into --out, with BENCH = bench_<model>, and prints a table. --out
+defaults to ~/.cache/moe-engine/bench, outside the source tree, so a run never overwrites the
+committed benchmarks/results/ (pass --out benchmarks/results to update those on purpose).
 
 Examples:
   moe-engine bench --large                       # the generated 2 GB checkpoint, all systems
@@ -63,7 +65,8 @@ def _fraction(text: str) -> float:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from moe_engine.benchmarks.make_checkpoint import DEFAULT_LARGE_DIR
+    from moe_engine.bench.checkpoint import DEFAULT_LARGE_DIR
+    from moe_engine.bench.report import DEFAULT_RESULTS_DIR
 
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--model", metavar="PATH",
@@ -102,8 +105,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="rounds over all systems, interleaved (A B C, A B C, ...); each system is "
                              "reported by its median-speed run, every round's speeds are kept in the JSON "
                              "(default: %(default)s)")
-    parser.add_argument("--out", default="benchmarks/results", metavar="DIR",
-                        help="folder for bench_<model>.json and .png (default: %(default)s)")
+    parser.add_argument("--out", default=str(DEFAULT_RESULTS_DIR), metavar="DIR",
+                        help="folder for bench_<model>.json and (with matplotlib) .png (default: %(default)s, outside the "
+                             "source tree so the committed benchmarks/results/ is never overwritten; pass "
+                             "--out benchmarks/results to update those)")
 
 
 def _resolve_model(args: argparse.Namespace) -> tuple[Path, str]:
@@ -126,20 +131,16 @@ def _resolve_model(args: argparse.Namespace) -> tuple[Path, str]:
         except (ImportError, AttributeError, FileNotFoundError, OSError) as exc:
             print(f"note: the project's default model is not available ({type(exc).__name__}: {exc}); "
                   "benchmarking the generated large checkpoint instead (as with --large)", file=sys.stderr)
-    from moe_engine.benchmarks.make_checkpoint import CheckpointSpec, ensure_checkpoint
+    from moe_engine.bench.checkpoint import CheckpointSpec, ensure_checkpoint
 
     path = ensure_checkpoint(args.large_dir, CheckpointSpec())
     return path, "mixtral-2g"
 
 
 def run(args: argparse.Namespace) -> int:
-    from moe_engine.benchmarks.bench_offload import (
-        BenchSettings,
-        format_table,
-        parse_systems,
-        run_benchmark,
-        write_report,
-    )
+    from moe_engine.bench.report import format_table, write_report
+    from moe_engine.bench.runner import run_benchmark
+    from moe_engine.bench.settings import BenchSettings, parse_systems
     from moe_engine.cli import UserError
 
     if args.decode_tokens < 1 or args.prompt_tokens < 1:
@@ -152,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(str(exc)) from None
     memory_cap = args.memory_cap
     if memory_cap != "none":
-        from moe_engine.benchmarks.memory_cap import detect_backend
+        from moe_engine.bench.memory_cap import detect_backend
 
         backend, why = detect_backend()
         if backend is None and memory_cap == "cgroup":
@@ -175,5 +176,5 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(str(exc)) from None
     json_path, png_path = write_report(report, args.out)
     print(format_table(report))
-    print(f"\nwrote {json_path} and {png_path}")
+    print(f"\nwrote {json_path}" + (f" and {png_path}" if png_path is not None else ""))
     return 0

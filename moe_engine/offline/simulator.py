@@ -394,12 +394,37 @@ def simulate(
         def ready(key: ExpertKey) -> bool:
             return main.arrival.get(key, 0.0) <= main.start
 
+    def predictions(t: int, layer: int) -> list[ExpertKey]:
+        """This step's predictions for the next layers of token ``t``: observed, and ranked for prefetch."""
+        ranked: list[ExpertKey] = []
+        scored: dict[ExpertKey, float] = {}
+        for d, pd in enumerate(probs, start=1):
+            if layer + d >= L:
+                break
+            r, sc = rule.layer_candidates(layer + d, pd[t, layer])
+            ranked.extend(r)
+            scored.update(sc)
+        core.observe(scored)
+        return ranked
+
     all_ids = ids.tolist()
     for t in range(T):
         for layer in range(L):
+            row = all_ids[t][layer]
+            if not clocks:  # nothing to time: the core's generator-free path (same decisions)
+                predict = None
+                if probs:
+
+                    def predict(t: int = t, layer: int = layer) -> None:
+                        ranked = predictions(t, layer)
+                        if cfg.prefetch:
+                            core.prefetch(ranked, limit=len(ranked))
+
+                core.run_layer(layer, row, ready, predict)
+                continue
             for c in clocks:
                 c.step_begin()
-            for step in core.layer_schedule(layer, all_ids[t][layer], ready, computes=bool(clocks)):
+            for step in core.layer_schedule(layer, row, ready):
                 if type(step) is Compute:
                     if step.hit:
                         for c in clocks:
@@ -408,16 +433,8 @@ def simulate(
                 elif type(step) is Load:
                     for c in clocks:
                         c.demand_load()
-                elif probs:  # Predict: this step's predictions for the next layers of this token
-                    ranked: list[ExpertKey] = []
-                    scored: dict[ExpertKey, float] = {}
-                    for d, pd in enumerate(probs, start=1):
-                        if layer + d >= L:
-                            break
-                        r, sc = rule.layer_candidates(layer + d, pd[t, layer])
-                        ranked.extend(r)
-                        scored.update(sc)
-                    core.observe(scored)
+                elif probs:  # Predict
+                    ranked = predictions(t, layer)
                     if cfg.prefetch:
                         for load in core.prefetch(ranked, limit=len(ranked)):
                             for c in clocks:

@@ -219,7 +219,11 @@ class Residency:
         while True:
             victim = self.policy.victim(self._evictable)
             if victim is None:
-                return None
+                # Every key is protected, or the policy lost track of some (an interrupt inside one of
+                # its updates): take any evictable key so a lost key never pins its slot for good.
+                victim = next((k for k in self.entries if self._evictable(k)), None)
+                if victim is None:
+                    return None
             e = self.entries.pop(victim, None)
             if e is None:  # the policy knew a key the core had already dropped: forget it, ask again
                 self.policy.evict(victim)
@@ -259,19 +263,9 @@ class Residency:
         self.free = [s for s in range(self.num_slots - 1, -1, -1) if s not in used]
 
     # ------------------------------------------------------------------ one layer
-    def layer_schedule(
-        self, layer: int, experts: Sequence[int], ready: Callable[[ExpertKey], bool], computes: bool = True
-    ) -> Iterator[Load | Predict | Compute]:
-        """Run MoE layer ``layer`` needing ``experts``; see the module docstring for the steps.
-
-        ``ready(key)`` tells whether a LOADING key's copy has finished (the runtime polls its ticket;
-        the simulator asks its clock). The driver must perform each ``Load`` before resuming the
-        generator, issue prefetches (``prefetch``) at ``Predict``, and finish using a ``Compute``'s slot
-        before resuming; closing the generator early (an exception) leaves the core consistent.
-        ``computes=False`` (a driver with nothing to compute and no clock: the simulator without a time
-        projection) skips the ``Compute`` steps when no wave is needed, marking the loads READY itself;
-        the decisions are the same, since computing changes nothing until a wave needs a slot.
-        """
+    def _begin(self, layer: int, experts: Sequence[int], ready: Callable[[ExpertKey], bool]) -> tuple[list, list]:
+        """Start MoE layer ``layer``: judge its prefetches, protect its keys, count and report its hits
+        and misses to the policy. Returns (hits, misses), each in ascending expert order."""
         if len(self.free) + len(self.entries) != self.num_slots:
             self._repair()
         self.policy.layer_start(layer)
@@ -285,9 +279,8 @@ class Residency:
         hits: list[ExpertKey] = []
         misses: list[ExpertKey] = []
         entries = self.entries
-        policy = self.policy
+        access = self.policy.access
         ready_hits = 0
-        access = policy.access
         for k in keys:
             e = entries.get(k)
             if e is None:
@@ -308,18 +301,27 @@ class Residency:
         c.hits[layer] += ready_hits
         if len(hits) > ready_hits:
             c.late_hits[layer] += len(hits) - ready_hits
+        if misses:
+            c.misses[layer] += len(misses)
+        return hits, misses
+
+    def layer_schedule(
+        self, layer: int, experts: Sequence[int], ready: Callable[[ExpertKey], bool]
+    ) -> Iterator[Load | Predict | Compute]:
+        """Run MoE layer ``layer`` needing ``experts``; see the module docstring for the steps.
+
+        ``ready(key)`` tells whether a LOADING key's copy has finished (the runtime polls its ticket;
+        the simulator asks its clock). The driver must perform each ``Load`` before resuming the
+        generator, issue prefetches (``prefetch``) at ``Predict``, and finish using a ``Compute``'s slot
+        before resuming; closing the generator early (an exception) leaves the core consistent.
+        """
+        hits, misses = self._begin(layer, experts, ready)
+        entries = self.entries
         try:
-            if misses:
-                c.misses[layer] += len(misses)
-                to_load = deque(misses)
+            to_load = deque(misses)
+            if to_load:
                 yield from self._start_loads(to_load)
-            else:
-                to_load = deque()
             yield PREDICT
-            if not computes and not to_load and self.keep_resident:
-                for k in misses:
-                    entries[k].state = READY
-                return
             nh = len(hits)
             for i, k in enumerate(hits + misses if misses else hits):
                 e = entries.get(k)
@@ -337,17 +339,55 @@ class Residency:
         finally:
             self.protected = set()
 
-    def _start_loads(self, to_load: deque[ExpertKey]) -> Iterator[Load]:
+    def run_layer(
+        self, layer: int, experts: Sequence[int], ready: Callable[[ExpertKey], bool], predict: Callable[[], None] | None
+    ) -> None:
+        """``layer_schedule`` for a driver with nothing to copy, compute or time (the simulator without a
+        time projection): the same decisions in the same order, without a generator. ``predict`` runs at
+        the ``Predict`` point. The simulator/runtime equivalence test holds the two to the same log."""
+        hits, misses = self._begin(layer, experts, ready)
+        try:
+            to_load = deque(misses)
+            if to_load:
+                for _ in self._start_loads(to_load):
+                    pass
+            if predict is not None:
+                predict()
+            if to_load or not self.keep_resident:  # waves: computing frees slots for the rest
+                for k in hits + misses:
+                    if k not in self.entries:
+                        for _ in self._start_loads(to_load):
+                            pass
+                        if k not in self.entries:
+                            raise RuntimeError(f"residency: no slot for expert {k} (all {self.num_slots} protected)")
+                    self.entries[k].state = READY
+                    self.protected.discard(k)
+                    if not self.keep_resident:
+                        self._drop(k)
+                    elif to_load:
+                        for _ in self._start_loads(to_load):
+                            pass
+            else:
+                for k in misses:
+                    self.entries[k].state = READY
+        finally:
+            self.protected = set()
+
+    def _start_loads(self, to_load: deque[ExpertKey]) -> list[Load]:
+        """Admit queued demand loads while slots can be had; returns the loads to perform."""
+        loads = []
+        log = self.log
         while to_load:
             k = to_load[0]
             slot = self._admit(k, prefetch=False)
             if slot is None:
-                return
+                break
             to_load.popleft()
             self.policy.access(k, hit=False)
-            if self.log is not None:
-                self.log.append(("load", k))
-            yield Load(k, slot)
+            if log is not None:
+                log.append(("load", k))
+            loads.append(Load(k, slot))
+        return loads
 
     def _drop(self, key: ExpertKey) -> None:
         """Load-on-demand mode: the key leaves as soon as it was used."""

@@ -1,4 +1,6 @@
-"""Generate a large random Mixtral-layout MoE checkpoint for the offloading benchmark.
+"""The generated Mixtral-layout MoE checkpoint that ``moe-engine bench --large`` measures (2.2 GB of experts).
+
+Owns: its shape (``CheckpointSpec``), writing it tensor by tensor, and caching it (``ensure_checkpoint``).
 
 The checkpoint is what ``save_pretrained`` would write for a ``MixtralForCausalLM`` (same config,
 same per-expert tensor names, sharded safetensors with ``model.safetensors.index.json``), but it is
@@ -17,7 +19,7 @@ the residual stream would be re-drawn by each layer and routing would be unpredi
 
 Example::
 
-    from moe_engine.benchmarks.make_checkpoint import CheckpointSpec, ensure_checkpoint
+    from moe_engine.bench.checkpoint import CheckpointSpec, ensure_checkpoint
     path = ensure_checkpoint("~/.cache/moe-engine/bench-mixtral-2g", CheckpointSpec())
 """
 
@@ -29,7 +31,6 @@ import json
 import os
 import shutil
 import struct
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -245,13 +246,6 @@ def ensure_checkpoint(path: str | os.PathLike = DEFAULT_LARGE_DIR, spec: Checkpo
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return final
-
-
-def checkpoint_files(path: str | os.PathLike) -> Iterator[Path]:
-    """Every regular file of a checkpoint folder (for dropping them from the page cache)."""
-    for p in sorted(Path(path).rglob("*")):
-        if p.is_file():
-            yield p
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,6 @@
-"""Kernel-enforced memory caps for benchmark children: one fresh memory cgroup per system run.
+"""Kernel-enforced memory caps for ``moe-engine bench``'s children: one fresh memory cgroup per system run.
+
+Owns: finding a usable cgroup (v1 or v2) and creating, joining, reading and removing one cgroup per run.
 
 A cgroup's memory counter charges a process's anonymous memory *and* the page cache it reads or writes,
 so a cgroup limit is the same cap for every system, whatever the system does with the OS page cache
@@ -243,7 +245,3 @@ def detect_backend() -> tuple[CgroupBackend | None, str]:
             return backend, backend.describe()
         reasons.append(f"{backend.parent}: no peak / OOM counters")
     return None, "; ".join(reasons) or "no usable memory cgroup"
-
-
-def format_bytes(n: int | None) -> str:
-    return "-" if n is None else f"{n / 2**20:.0f} MiB"
