@@ -85,3 +85,15 @@ def test_simulator_and_runtime_make_the_same_decisions(checkpoint, policy, prefe
     )
     assert len(run_log) == len(sim_log)
     assert res.hits + res.demand_loads == TOKENS * LAYERS * TOP_K
+
+
+@pytest.mark.parametrize("policy", ["lru", "arc"])
+def test_timed_simulation_makes_the_same_decisions(checkpoint, policy):
+    """With a time projection the simulator drives the core's generator (as the runtime does) instead of
+    its untimed fast path: still the same decisions."""
+    trace = _trace()
+    pred = TransitionPredictor.fit([_trace(seed=1)])
+    sim_log: list = []
+    simulate(trace, SimConfig(budget=0.5, capacity=12, policy=policy, prefetch=True, profile="disk"),
+             predictor=pred, with_belady=False, log=sim_log)
+    assert sim_log == _runtime_log(checkpoint, trace, 12, policy, pred)
