@@ -142,3 +142,17 @@ def test_prefetches_queue_behind_the_layers_demand_loads(tiny_checkpoint):
     assert any(any(r) for r in decode) and any(not all(r) for r in decode if r)
     for reads in decode:
         assert reads == sorted(reads), reads  # every demand load (False) before any prefetch (True)
+
+
+def test_budget_below_one_tokens_working_set_warns(tiny_checkpoint):
+    from moe_engine.runtime.loader import BudgetWarning
+
+    path = tiny_checkpoint("mixtral")  # 2 MoE layers x top-2: one token needs 4 experts
+    one = tiny_models.expert_bytes(AutoConfig.from_pretrained(path))
+    with pytest.warns(BudgetWarning, match="holds 3 experts, less than one token's working set"):
+        _load(path, budget=3 * one)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", BudgetWarning)
+        _load(path, budget=4 * one)  # exactly the working set: no warning

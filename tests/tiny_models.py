@@ -335,3 +335,121 @@ def save_tiny_tokenizer(out_dir: str | Path) -> None:
         padding_side="left",
     )
     fast.save_pretrained(str(out_dir))
+
+
+# ----------------------------------------------------------------------------------------------------
+# FP8 block-scaled checkpoints (DeepSeek-V3/R1 format)
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+def _fp8_block_quantize(weight: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek's weight quantization: per ``bm x bn`` block (edge blocks partial), ``scale = amax / 448``,
+    stored ``weight / scale`` as float8_e4m3fn. Returns ``(fp8 [R, C], scale_inv fp32 [ceil(R/bm), ceil(C/bn)])``."""
+    bm, bn = block
+    rows, cols = weight.shape
+    gr, gc = -(-rows // bm), -(-cols // bn)
+    padded = torch.zeros(gr * bm, gc * bn, dtype=torch.float32)
+    padded[:rows, :cols] = weight.float()
+    amax = padded.reshape(gr, bm, gc, bn).abs().amax(dim=(1, 3))
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    full = scale.repeat_interleave(bm, 0).repeat_interleave(bn, 1)[:rows, :cols]
+    return (weight.float() / full).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
+
+
+def fp8_reference_dequantize(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """The reference dequantization in fp32: ``weight.float() * scale`` of each element's block."""
+    bm, bn = block
+    rows, cols = weight.shape
+    full = scale_inv.float().repeat_interleave(bm, 0).repeat_interleave(bn, 1)[:rows, :cols]
+    return weight.float() * full
+
+
+def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for file in sorted(Path(path).glob("*.safetensors")):
+        out.update(load_file(file))
+    return out
+
+
+def _write_checkpoint(tensors: dict[str, torch.Tensor], out_dir: Path, shards: int) -> None:
+    """Write ``tensors`` as one file or ``shards`` files (names dealt round-robin) plus an index."""
+    from safetensors.torch import save_file
+
+    for old in list(out_dir.glob("*.safetensors")) + list(out_dir.glob("*.safetensors.index.json")):
+        old.unlink()
+    names = sorted(tensors)
+    if shards <= 1:
+        save_file({n: tensors[n].contiguous() for n in names}, str(out_dir / "model.safetensors"), {"format": "pt"})
+        return
+    weight_map = {}
+    for i in range(shards):
+        fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = {n: tensors[n].contiguous() for n in names[i::shards]}
+        save_file(part, str(out_dir / fname), {"format": "pt"})
+        weight_map.update(dict.fromkeys(part, fname))
+    index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())}, "weight_map": weight_map}
+    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def make_tiny_fp8_deepseek_v3(
+    out_dir: str | Path,
+    *,
+    block: tuple[int, int] = (16, 16),
+    partial_blocks: bool = False,
+    shards: int = 1,
+    seed: int = SEED,
+) -> Path:
+    """The tiny ``deepseek_v3`` variant saved in DeepSeek-V3's FP8 format.
+
+    Every 2-D Linear weight (attention projections, routed and shared experts, the dense MLP; not the
+    embeddings, the router or lm_head, as in DeepSeek's release) whose dims are multiples of ``block``
+    is stored as float8_e4m3fn with a float32 ``<name>_scale_inv`` of one scale per block;
+    ``partial_blocks=True`` quantizes the others too, with partial edge blocks (as DeepSeek's
+    ``kv_a_proj_with_mqa [576, 7168]`` at 128). config.json gets ``quantization_config``
+    ``{"quant_method": "fp8", "weight_block_size": block, ...}``; ``shards > 1`` deals the tensors over
+    that many files (a weight and its scale usually in different ones) with an index.
+    """
+    out_dir = Path(out_dir)
+    make_tiny_moe("deepseek_v3", out_dir, seed=seed)
+    tensors = _read_checkpoint(out_dir)
+    out: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        linear = name.endswith(("_proj.weight", "_mqa.weight")) and t.ndim == 2
+        if linear and (partial_blocks or (t.shape[0] % block[0] == 0 and t.shape[1] % block[1] == 0)):
+            out[name], out[name + "_scale_inv"] = _fp8_block_quantize(t, block)
+        else:
+            out[name] = t
+    _write_checkpoint(out, out_dir, shards)
+    config = json.loads((out_dir / "config.json").read_text())
+    config["quantization_config"] = {
+        "quant_method": "fp8",
+        "fmt": "e4m3",
+        "activation_scheme": "dynamic",
+        "weight_block_size": list(block),
+    }
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+    return out_dir
+
+
+def make_fp8_reference(fp8_dir: str | Path, out_dir: str | Path) -> Path:
+    """An fp32 checkpoint of the same model whose FP8 weights are replaced by their reference
+    dequantization (``fp8_reference_dequantize``); no quantization_config: stock transformers loads it."""
+    fp8_dir, out_dir = Path(fp8_dir), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = json.loads((fp8_dir / "config.json").read_text())
+    block = tuple(config.pop("quantization_config")["weight_block_size"])
+    tensors = _read_checkpoint(fp8_dir)
+    out = {}
+    for name, t in tensors.items():
+        if name.endswith("_scale_inv"):
+            continue
+        scale = tensors.get(name + "_scale_inv")
+        out[name] = t if scale is None else fp8_reference_dequantize(t, scale, block)  # type: ignore[arg-type]
+    _write_checkpoint(out, out_dir, 1)
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+    if (fp8_dir / "generation_config.json").exists():
+        (out_dir / "generation_config.json").write_text((fp8_dir / "generation_config.json").read_text())
+    return out_dir

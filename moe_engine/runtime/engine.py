@@ -28,9 +28,10 @@ from torch import nn
 from moe_engine.runtime.cache import ExpertCache
 from moe_engine.runtime.config import EngineConfig
 from moe_engine.runtime.interrupts import deferred_interrupts
+from moe_engine.runtime.kernels import ExpertsKernel, make_kernel
 from moe_engine.runtime.mover import Mover
 from moe_engine.runtime.policies import ExpertKey
-from moe_engine.runtime.residency import Load, PrefetchRule, Residency, scores_to_probs
+from moe_engine.runtime.residency import Load, PrefetchRule, Residency, prediction_probs
 from moe_engine.runtime.stats import EngineStats
 from moe_engine.runtime.store import CheckpointStore
 
@@ -176,7 +177,7 @@ class Engine:
                 if target >= self.num_layers:
                     break
                 scores = self.predictor.scores(ctx, d)  # [T, E]
-                probs = scores_to_probs(scores.detach().float().cpu().numpy(), self.layers[target].top_k)
+                probs = prediction_probs(scores.detach().float().cpu().numpy(), self.layers[target].top_k)
                 r, s = self.prefetch_rule.layer_candidates(target, probs)
                 ranked.extend(r)
                 scored.update(s)
@@ -194,48 +195,85 @@ class Engine:
         hidden_states: torch.Tensor,
         top_k_index: torch.Tensor,
         top_k_weights: torch.Tensor,
-        act_fn,
+        kernel: ExpertsKernel,
         num_experts: int,
     ) -> torch.Tensor:
         """Same contract as transformers' fused ``*Experts.forward``: ``hidden_states [T, H]``,
-        ``top_k_index [T, K]``, ``top_k_weights [T, K]`` -> ``[T, H]``."""
+        ``top_k_index [T, K]``, ``top_k_weights [T, K]`` -> ``[T, H]``, computed by ``kernel`` (the
+        model's ``experts_implementation``, ``moe_engine.runtime.kernels``) with stock's exact bits."""
+        if torch.is_grad_enabled() and (hidden_states.requires_grad or top_k_weights.requires_grad):
+            raise RuntimeError(
+                f"moe-engine is inference-only: MoE layer {layer} was called while autograd records "
+                "(gradients are enabled and its input requires grad), but offloaded experts live in cache "
+                "slots that later copies overwrite and have no gradients. Wrap the call in "
+                "`with torch.no_grad():` or `with torch.inference_mode():` (generate() already runs without "
+                "grad), and keep the loaded model's parameters frozen (from_pretrained sets requires_grad=False)"
+            )
         with torch.no_grad():
-            expert_mask = torch.nn.functional.one_hot(top_k_index, num_classes=num_experts + 1)  # [T, K, E+1]
-            expert_mask = expert_mask.permute(2, 1, 0)  # [E+1, K, T]
-            hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero().flatten().tolist()
-        experts = [e for e in hit if e != num_experts]
-        # Prefetches for the next layers are issued once this layer's demand loads are queued.
-        after_submit = None
-        if self.predictor is not None and layer + 1 < self.num_layers:  # nothing to predict after the last layer
-            after_submit = functools.partial(self._prefetch, layer, hidden_states, top_k_index)
-
-        outputs: list[tuple[int, torch.Tensor, torch.Tensor]] = []
-        for e, gate_up, down in self.cache.iter_experts(layer, experts, after_submit):
-            top_k_pos, token_idx = torch.where(expert_mask[e])
-            current_state = hidden_states[token_idx]
-            gate, up = nn.functional.linear(current_state, gate_up).chunk(2, dim=-1)
-            current = act_fn(gate) * up
-            current = nn.functional.linear(current, down)
-            current = current * top_k_weights[token_idx, top_k_pos, None]
-            outputs.append((e, token_idx, current))
-        # Sum in expert order, as the stock module does, so the result does not depend on load order.
-        final = torch.zeros_like(hidden_states)
-        for _, token_idx, current in sorted(outputs, key=lambda o: o[0]):
-            final.index_add_(0, token_idx, current.to(final.dtype))
-        return final
+            plan = kernel.plan(hidden_states, top_k_index, top_k_weights, num_experts)
+            # Prefetches for the next layers are issued once this layer's demand loads are queued.
+            after_submit = None
+            if self.predictor is not None and layer + 1 < self.num_layers:  # nothing to predict after the last layer
+                after_submit = functools.partial(self._prefetch, layer, hidden_states, top_k_index)
+            # Weights arrive in residency order; the plan keeps only computed rows from each slot and
+            # combines them as stock does, so the result does not depend on that order.
+            for e, gate_up, down in self.cache.iter_experts(layer, plan.experts, after_submit):
+                plan.compute(e, gate_up, down)
+            return plan.result()
 
 
 class OffloadedExperts(nn.Module):
-    """Drop-in replacement for a transformers fused experts module whose weights live in the engine."""
+    """Drop-in replacement for a transformers fused experts module whose weights live in the engine.
 
-    def __init__(self, moe_index: int, num_experts: int, intermediate: int, hidden: int, act_fn) -> None:
+    ``implementation`` is transformers' ``experts_implementation`` the stock module would run
+    (``"grouped_mm"``, the 5.x default, or ``"eager"``); the engine reproduces its bits
+    (``moe_engine.runtime.kernels``)."""
+
+    def __init__(
+        self,
+        moe_index: int,
+        num_experts: int,
+        intermediate: int,
+        hidden: int,
+        act_fn,
+        implementation: str | None = "grouped_mm",
+    ) -> None:
         super().__init__()
         self.moe_index = moe_index
         self.num_experts = num_experts
         self.intermediate_dim = intermediate
         self.hidden_dim = hidden
         self.act_fn = act_fn
+        self.set_implementation(implementation)
         self._engine: Engine | None = None  # plain attribute: the engine is not a submodule
+
+    def set_implementation(self, implementation: str | None) -> None:
+        """Compute with transformers' ``experts_implementation`` ``implementation`` from now on
+        (``moe_engine.runtime.kernels.available_kernels()``; ``None``: eager, as transformers does)."""
+        self.kernel = make_kernel(implementation, self.act_fn)
+        self.implementation = self.kernel.name
+
+    @classmethod
+    def from_stock(cls, moe_index: int, stock: nn.Module) -> OffloadedExperts:
+        """The replacement for ``stock`` (a transformers fused experts module, possibly on the meta
+        device): its shapes, activation and the ``experts_implementation`` its config resolved to."""
+        from transformers.integrations.moe import _default_apply_gate
+
+        unsupported = [
+            flag for flag, default in (("has_bias", False), ("is_transposed", False), ("has_gate", True),
+                                       ("has_post_expert_norm", False), ("is_concatenated", True))
+            if getattr(stock, flag, default) != default
+        ]  # fmt: skip
+        gate_fn = getattr(type(stock), "_apply_gate", _default_apply_gate)
+        if unsupported or gate_fn is not _default_apply_gate:
+            raise NotImplementedError(
+                f"{type(stock).__name__}: moe-engine offloads experts with concatenated gate_up [E, 2I, H] and "
+                f"down [E, H, I] weights, no biases and the default gate; this class differs "
+                f"({', '.join(unsupported) or 'custom _apply_gate'})"
+            )
+        n_exp, two_i, hidden = stock.gate_up_proj.shape
+        implementation = getattr(getattr(stock, "config", None), "_experts_implementation", None)
+        return cls(moe_index, n_exp, two_i // 2, hidden, stock.act_fn, implementation)
 
     def attach(self, engine: Engine) -> None:
         object.__setattr__(self, "_engine", engine)
@@ -244,8 +282,8 @@ class OffloadedExperts(nn.Module):
         if self._engine is None:
             raise RuntimeError("OffloadedExperts used before an engine was attached")
         return self._engine.experts_forward(
-            self.moe_index, hidden_states, top_k_index, top_k_weights, self.act_fn, self.num_experts
+            self.moe_index, hidden_states, top_k_index, top_k_weights, self.kernel, self.num_experts
         )
 
     def extra_repr(self) -> str:
-        return f"moe_index={self.moe_index}, num_experts={self.num_experts}, offloaded"
+        return f"moe_index={self.moe_index}, num_experts={self.num_experts}, implementation={self.implementation}, offloaded"

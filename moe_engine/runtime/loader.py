@@ -8,7 +8,7 @@ with transformers' own checkpoint conversion rules; locate each routed expert's 
 the slots under the budget, the mover and (optionally) the predictor.
 
 The full expert set is never materialised: experts are only ever read into slots (or, on CUDA with
-``host_tier="pinned"``, into pinned host memory, the slow tier).
+``host_tier`` pinned, into one pinned host arena sized to the experts, the slow tier).
 
 Example::
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +32,23 @@ from moe_engine.runtime.cache import ExpertCache
 from moe_engine.runtime.config import EngineConfig, format_bytes, parse_budget, resolve_budget
 from moe_engine.runtime.cuda_mover import CudaMover
 from moe_engine.runtime.engine import Engine, MoELayerInfo, OffloadedExperts
+from moe_engine.runtime.host_tier import plan_host_tier
 from moe_engine.runtime.mover import Mover, ThreadMover
-from moe_engine.runtime.policies import make_policy
+from moe_engine.runtime.policies import make_policy, working_set_warning
 from moe_engine.runtime.residency import Residency
-from moe_engine.runtime.store import CheckpointError, CheckpointStore, ExpertLocation, expert_location
+from moe_engine.runtime.store import (
+    CheckpointError,
+    CheckpointStore,
+    ExpertLocation,
+    expert_location,
+    fp8_block_size,
+)
 
 logger = logging.getLogger(__name__)
+
+
+class BudgetWarning(UserWarning):
+    """The budget holds fewer experts than one token needs across all MoE layers: hit rates will be low."""
 
 _AUTO = "auto"
 
@@ -62,7 +74,19 @@ def _load_config(path: Path):
         )
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"no config.json in {path}; point --model at a Hugging Face checkpoint directory")
-    return AutoConfig.from_pretrained(path)
+    config = AutoConfig.from_pretrained(path)
+    _drop_quantization_config(config)
+    return config
+
+
+def _drop_quantization_config(config) -> None:
+    """Validate ``config.quantization_config`` (ValueError naming any method moe-engine cannot run), then
+    remove it from the config the model is built from: the store dequantizes FP8 block-scaled weights
+    itself (``moe_engine.runtime.store``), so transformers must not put its own FP8 layers in the model."""
+    qc = getattr(config, "quantization_config", None)
+    fp8_block_size(qc)
+    if qc is not None:
+        del config.quantization_config
 
 
 def _expert_locations(
@@ -116,7 +140,7 @@ def _load_dense_weights(
         if target not in expected:
             logger.info("ignoring checkpoint tensor %s (no such parameter in the model)", name)
             continue
-        value = store.read_tensor(name)
+        value = store.read_tensor(name, dtype=expected[target].dtype)  # FP8 block-scaled: dequantized
         if tuple(value.shape) != tuple(expected[target].shape):
             raise CheckpointError(
                 f"checkpoint tensor {name} has shape {tuple(value.shape)} but the model expects "
@@ -137,17 +161,18 @@ def _load_dense_weights(
 def from_pretrained(
     path: str | os.PathLike,
     budget: int | float | str = 0.25,
-    policy: str = "lru",
+    policy: str = "auto",
     device: str | torch.device | None = None,
     *,
     dtype: torch.dtype | str | None = None,
+    experts_implementation: str | None = None,
     predictor: Any = _AUTO,
     prefetch_distance: int = 1,
     prefetch_per_layer: int = 6,
     prefetch_min_prob: float = 0.25,
     page_cache: bool = False,
     io_threads: int = 2,
-    host_tier: str = "pinned",
+    host_tier: str = "auto",
     progress: bool = False,
 ):
     """Load a Hugging Face MoE checkpoint with its routed experts offloaded under ``budget``.
@@ -159,13 +184,20 @@ def from_pretrained(
         policy: eviction policy (``moe_engine.runtime.policies.available_policies()``) or "none" (no cache).
         device: "cuda" (default when available) or "cpu".
         dtype: compute dtype (default: the checkpoint's ``config.dtype``, else float32).
+        experts_implementation: transformers' experts implementation to reproduce bit for bit
+            (``moe_engine.runtime.kernels.available_kernels()``: "grouped_mm", transformers' default, or
+            "eager"); default: what transformers would use for this model.
         predictor: "cross_layer_gate" (default, unless policy="none"), another registered predictor
             name, a ``predictors.Predictor`` instance, or None to disable prefetch.
         prefetch_distance: MoE layers ahead to prefetch.
         prefetch_per_layer, prefetch_min_prob: at most this many prefetches per predicted layer and step,
             each with a predicted probability of at least this (``moe_engine.runtime.residency.PrefetchRule``).
         page_cache: let the OS page cache keep expert pages (off: the budget is the real bound).
-        host_tier: on CUDA, "pinned" (all experts in pinned host RAM) or "disk" (streamed from files).
+        host_tier: on CUDA, where the experts that do not fit the budget wait: "auto" (nothing pinned
+            when every expert fits the budget, else one pinned host arena when it fits in RAM with a
+            safety margin, else the files with a warning), "pinned" (pin even inside the margin) or
+            "disk" (stream from the files through small pinned staging buffers). See
+            ``moe_engine.runtime.host_tier``.
 
     Returns:
         the transformers ``PreTrainedModel`` (forward and ``generate`` work), with ``model.engine``.
@@ -176,6 +208,14 @@ def from_pretrained(
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     path = Path(path)
+    if experts_implementation is not None:
+        from moe_engine.runtime.kernels import available_kernels
+
+        if experts_implementation not in available_kernels():
+            raise ValueError(
+                f"experts_implementation {experts_implementation!r} is not one moe-engine reproduces; "
+                f"choose one of: {', '.join(available_kernels())}"
+            )
     if predictor == _AUTO:
         predictor = None if policy == "none" else "cross_layer_gate"
     cfg = EngineConfig(
@@ -204,7 +244,8 @@ def from_pretrained(
                 dtype = getattr(torch, dtype)
         assert isinstance(dtype, torch.dtype)
         with init_empty_weights(include_buffers=False):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+            extra = {} if experts_implementation is None else {"experts_implementation": experts_implementation}
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, **extra)
 
         # Replace each routed-experts module on this instance (no class is patched).
         blocks = moe_blocks(model)
@@ -218,7 +259,7 @@ def from_pretrained(
             n_exp, two_i, hidden = old.gate_up_proj.shape
             shapes.add((n_exp, two_i // 2, hidden))
             top_k = int(getattr(block.gate, "top_k", getattr(config, "num_experts_per_tok", 1)))
-            new = OffloadedExperts(moe_index, n_exp, two_i // 2, hidden, old.act_fn)
+            new = OffloadedExperts.from_stock(moe_index, old)  # shapes, act_fn, experts_implementation
             block.experts = new
             modules.append(new)
             layers.append(MoELayerInfo(moe_index, dec, n_exp, top_k))
@@ -240,11 +281,17 @@ def from_pretrained(
                 f"{expert_bytes} bytes or a fraction >= {expert_bytes / total:.4f} of all expert bytes"
             )
         num_slots = min(budget_bytes // expert_bytes, len(locations))
+        if policy != "none":
+            msg = working_set_warning(num_slots, len(layers), max(info.top_k for info in layers))
+            if msg is not None:
+                warnings.warn(msg, BudgetWarning, stacklevel=2)
         mover: Mover
         if dev.type == "cuda":
+            plan = plan_host_tier(expert_bytes, len(locations), budget_bytes, requested=cfg.host_tier)
+            (logger.warning if plan.fallback else logger.info)("%s", plan.reason)
             mover = CudaMover(
-                store, sorted(locations.items()), 3 * inter * hidden, dtype, dev, num_slots,
-                host_tier=host_tier, io_threads=io_threads, progress=progress,
+                store, sorted(locations.items()), 3 * inter * hidden, dtype, dev, num_slots, plan,
+                io_threads=io_threads, progress=progress,
             )  # fmt: skip
         else:
             mover = ThreadMover(store, io_threads=io_threads)
