@@ -18,12 +18,25 @@ if TYPE_CHECKING:
     from moe_engine.runtime.loader import from_pretrained as from_pretrained
 
 
+# Errors a caller may want to catch, importable from the top level.
+_ERRORS = {
+    "CheckpointError": "moe_engine.runtime.store",
+    "CheckpointChangedError": "moe_engine.runtime.store",
+    "ExpertReadError": "moe_engine.runtime.cache",
+    "ModelClosedError": "moe_engine.runtime.engine",
+}
+
+
 def __getattr__(name: str) -> Any:
     # Lazy: importing moe_engine (e.g. for the CLI's --help) must not import torch/transformers.
     if name == "from_pretrained":
         from moe_engine.runtime.loader import from_pretrained
 
         return from_pretrained
+    if name in _ERRORS:
+        import importlib
+
+        return getattr(importlib.import_module(_ERRORS[name]), name)
     if name == "default_model_path":
         from moe_engine.default_model import default_model_path
 
@@ -31,4 +44,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'moe_engine' has no attribute {name!r}")
 
 
-__all__ = ["from_pretrained", "default_model_path", "__version__"]
+__all__ = ["from_pretrained", "default_model_path", "__version__", *_ERRORS]

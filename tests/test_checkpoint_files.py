@@ -392,3 +392,25 @@ def test_every_shard_is_open_after_loading(ckpt_copy):
     fds = [f.fd for f in store._files.values()]
     assert all(os.fstat(fd) for fd in fds)
     store.close()
+
+
+def test_layers_past_the_model_are_ignored_like_transformers_does(tiny_checkpoint, tmp_path):
+    """DeepSeek-V3 checkpoints carry a multi-token-prediction layer (index num_hidden_layers) that
+    transformers does not build: its expert tensors must not stop loading."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    src = tiny_checkpoint("deepseek_v3")
+    path = tmp_path / "mtp"
+    shutil.copytree(src, path)
+    n = json.loads((path / "config.json").read_text())["num_hidden_layers"]
+    tensors = load_file(path / "model.safetensors")
+    extra = {k.replace(".layers.1.", f".layers.{n}."): v.clone() for k, v in tensors.items() if ".layers.1." in k}
+    assert any(".experts." in k for k in extra)
+    save_file({**tensors, **extra}, path / "model.safetensors", metadata={"format": "pt"})
+    model = moe_engine.from_pretrained(path, budget=1.0, device="cpu")
+    with torch.no_grad():
+        model(torch.tensor([[5, 6, 7]]))
+    model.close()

@@ -90,7 +90,8 @@ def _drop_quantization_config(config) -> None:
 
 
 def _expert_locations(
-    store: CheckpointStore, adapter: Adapter, moe_of_decoder: dict[int, int], num_experts: int, inter: int, hidden: int
+    store: CheckpointStore, adapter: Adapter, moe_of_decoder: dict[int, int], num_experts: int, inter: int, hidden: int,
+    num_decoder_layers: int | None = None,
 ) -> dict[tuple[int, int], ExpertLocation]:
     parts: dict[tuple[int, int], dict[str, Any]] = {}
     for name, loc in store.tensors.items():
@@ -98,6 +99,11 @@ def _expert_locations(
         if parsed is None:
             continue
         dec, expert, part = parsed
+        if num_decoder_layers is not None and dec >= num_decoder_layers:
+            # Layers past the model's own, e.g. DeepSeek-V3's multi-token-prediction layer 61, which
+            # transformers does not build either.
+            logger.info("ignoring checkpoint tensor %s (decoder layer %d is not part of the model)", name, dec)
+            continue
         if dec not in moe_of_decoder:
             raise CheckpointError(
                 f"checkpoint tensor {name} is a routed expert of decoder layer {dec}, which the config "
@@ -269,7 +275,10 @@ def from_pretrained(
 
         _load_dense_weights(model, store, adapter, dev, progress)
         model.to(dev)
-        locations = _expert_locations(store, adapter, {i.decoder_layer: i.moe_index for i in layers}, num_experts, inter, hidden)
+        locations = _expert_locations(
+            store, adapter, {i.decoder_layer: i.moe_index for i in layers}, num_experts, inter, hidden,
+            num_decoder_layers=getattr(config, "num_hidden_layers", None),
+        )  # fmt: skip
 
         expert_bytes = 3 * inter * hidden * dtype.itemsize
         total = expert_bytes * len(locations)
