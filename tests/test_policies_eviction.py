@@ -40,7 +40,7 @@ def drive(policy, events):
 
 def test_registry_has_the_new_policies():
     assert {"lru", "lfu", "arc", "fate", "predictive"} <= set(available_policies())
-    with pytest.raises(ValueError, match="unknown cache policy 'mru'; choose one of: arc, fate, lfu, lru, predictive"):
+    with pytest.raises(ValueError, match="unknown cache policy 'mru'; choose one of: arc, auto, fate, lfu, lrfu, lru, predictive"):
         make_policy("mru", num_layers=1, num_experts=1, capacity=1)
 
 

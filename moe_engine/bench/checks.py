@@ -46,15 +46,15 @@ def reference_for(result: RunResult, baseline: str, by_label: dict[str, RunResul
 def acceptance_checks(by_label: dict[str, RunResult], ref_budget: float, read_rate: dict | None = None) -> list[dict]:
     """The issues' acceptance bars, evaluated on this run's figures."""
     b = f"{ref_budget:g}"
-    lru, pre = by_label.get(f"lru@{b}"), by_label.get(f"prefetch@{b}")
+    lru, pre, default = by_label.get(f"lru@{b}"), by_label.get(f"prefetch@{b}"), by_label.get(f"default@{b}")
     checks = []
 
     def ok(r: RunResult | None) -> bool:
         return r is not None and r.status == "ok"
 
-    # The engine as configured by hand (lru: cache, no prediction) and as it ships (prefetch: the
-    # cross-layer gate is from_pretrained's default), each against every baseline.
-    for engine_name, engine in (("lru", lru), ("prefetch", pre)):
+    # The engine as configured by hand (lru: cache, no prediction; prefetch: LRU + the cross-layer gate)
+    # and as it ships (default: from_pretrained's default policy and predictor), each against every baseline.
+    for engine_name, engine in (("lru", lru), ("prefetch", pre), ("default", default)):
         for baseline in BASELINES:
             acc = by_label.get(f"{baseline}@{b}")
             if engine is None or acc is None:

@@ -117,7 +117,8 @@ def plot(report: dict, png_path: str | os.PathLike) -> Path:
     import matplotlib.pyplot as plt
 
     fig, (ax_speed, ax_mem) = plt.subplots(1, 2, figsize=(12, 4.5))
-    style = {"lru": ("o", "C0"), "prefetch": ("s", "C1"), "ondemand": ("^", "C2"), "accelerate": ("D", "C3"),
+    style = {"lru": ("o", "C0"), "prefetch": ("s", "C1"), "default": ("*", "C6"), "ondemand": ("^", "C2"),
+             "accelerate": ("D", "C3"),
              "accelerate_plain": ("P", "C5"), "accelerate_cold": ("v", "C4")}
     capped = (report.get("memory_cap") or {}).get("mode") == "cgroup"
     budgets: set[float] = set()

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-SYSTEMS = ("lru", "prefetch", "ondemand", "accelerate", "accelerate_plain", "accelerate_cold")
+SYSTEMS = ("lru", "prefetch", "default", "ondemand", "accelerate", "accelerate_plain", "accelerate_cold")
 BASELINES = ("accelerate", "accelerate_plain", "accelerate_cold")
 UNCAPPED = ("accelerate_plain",)  # never under the memory cap (a reference)
 MEMORY_CAPS = ("none", "cgroup")
@@ -74,7 +74,7 @@ class BenchSettings:
 
     model_path: str
     model_name: str = "model"
-    systems: tuple[str, ...] = ("lru@0.125", "lru@0.25", "lru@0.5", "lru@1", "prefetch@0.25",
+    systems: tuple[str, ...] = ("lru@0.125", "lru@0.25", "lru@0.5", "lru@1", "prefetch@0.25", "default@0.25",
                                 "ondemand@0.25", "accelerate@0.25", "accelerate_plain@0.25", "accelerate_cold@0.25")
     ref_budget: float = DEFAULT_REF_BUDGET
     prompt_tokens: int = 64

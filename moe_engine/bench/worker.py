@@ -66,10 +66,12 @@ def _load(run: SystemRun, model_path: str, offload_dir: Path, emit: Emit) -> Any
         return model
 
     import moe_engine
+    from moe_engine.runtime.policies import DEFAULT_POLICY
 
     policy, predictor = {
         "lru": ("lru", None),
         "prefetch": ("lru", "cross_layer_gate"),
+        "default": (DEFAULT_POLICY, "cross_layer_gate"),  # the engine as it ships: from_pretrained's defaults
         "ondemand": ("none", None),
     }[run.system]
     return moe_engine.from_pretrained(model_path, budget=run.budget, policy=policy, device="cpu",

@@ -16,7 +16,8 @@ OS page cache first, so every run starts cold and reads its experts from disk.
 
 Systems (--systems):
   lru         the engine, LRU expert cache, no prediction; swept over --budgets
-  prefetch    the engine with the cross-layer-gate predictor prefetching the next layer's experts
+  default     the engine as it ships: from_pretrained's default policy and cross-layer-gate prefetch
+  prefetch    the engine, LRU cache + the cross-layer-gate predictor prefetching the next layer's experts
   ondemand    the engine with no cache (policy "none"): every expert is read when it is needed
   accelerate  Hugging Face accelerate offloading, what a user would try first:
               from_pretrained(device_map="auto", max_memory={"cpu": M}, offload_folder=...),
@@ -84,7 +85,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ref-budget", type=_fraction, default=0.25, metavar="F",
                         help="budget for systems named without @F (all but lru); the "
                              "acceptance checks compare systems at it (default: %(default)s)")
-    parser.add_argument("--systems", default="lru,prefetch,ondemand,accelerate,accelerate_plain,accelerate_cold",
+    parser.add_argument("--systems", default="lru,prefetch,default,ondemand,accelerate,accelerate_plain,accelerate_cold",
                         metavar="LIST",
                         help="comma-separated systems to run, each NAME or NAME@F (default: %(default)s)")
     parser.add_argument("--decode-tokens", type=int, default=32, metavar="N",

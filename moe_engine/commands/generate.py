@@ -30,7 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="fast-tier bytes for experts: bytes, a size like 512MB / 2GiB, or a fraction of all expert bytes "
         "like 0.25 (default 0.25)",
     )
-    p.add_argument("--policy", default="lru", help="eviction policy: lru, lfu, ... or none (no cache) (default lru)")
+    p.add_argument("--policy", default="auto", help="eviction policy: auto, lru, lfu, ... or none (no cache) (default auto)")
     p.add_argument(
         "--predictor",
         default="cross_layer_gate",

@@ -30,7 +30,7 @@ examples:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trace", required=True, help="routing trace (.npz) to replay")
     p.add_argument("--budget", type=float, required=True, help="cache capacity as a share of all experts, in (0, 1]")
-    p.add_argument("--policy", default="lru", help="eviction policy (default lru); see --list")
+    p.add_argument("--policy", default="auto", help="eviction policy (default auto); see --list")
     p.add_argument("--predictor", default=None, help="predictor whose scores drive prefetch (and predictive eviction)")
     p.add_argument("--distance", type=int, default=1, help="layers ahead the predictor scores (default 1)")
     p.add_argument(

@@ -143,7 +143,7 @@ class SimConfig:
     """What to simulate. ``budget`` is the cache capacity as a share of all L * E experts."""
 
     budget: float
-    policy: str = "lru"
+    policy: str = "auto"  # the runtime's default (moe_engine.runtime.policies.DEFAULT_POLICY)
     predictor: str | None = None  # only used for naming in results; the predictor object is passed apart
     distance: int = 1  # prediction distance: layers l+1..l+distance are scored after layer l is routed
     prefetch: bool = False  # prefetch predicted experts (needs a predictor)

@@ -88,7 +88,7 @@ class EngineConfig:
     """
 
     budget: int | float = 0.25
-    policy: str = "lru"
+    policy: str = "auto"
     predictor: str | None = None
     prefetch_distance: int = 1
     prefetch_per_layer: int = 6

@@ -30,6 +30,7 @@ import heapq
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -49,6 +50,29 @@ def register_policy(name: str) -> Callable[[type[EvictionPolicy]], type[Eviction
         return cls
 
     return deco
+
+
+#: The policy ``from_pretrained``, ``moe-engine generate`` and ``moe-engine simulate`` use by default.
+DEFAULT_POLICY = "auto"
+
+
+def working_set_warning(num_slots: int, num_layers: int, top_k: int) -> str | None:
+    """A one-line warning when ``num_slots`` expert slots hold less than one token's working set, else None.
+
+    A decode token uses ``top_k`` experts in each of ``num_layers`` MoE layers, one layer after the other;
+    with fewer slots than that, every token must evict experts the same token needs again a few layers
+    on, so hit rates are low whatever the policy (LRU's collapse to ~0: it evicts exactly the next
+    layers' experts).
+    """
+    if num_slots < 1 or num_layers < 1 or top_k < 1:
+        raise ValueError(f"working_set_warning: num_slots, num_layers and top_k must be >= 1, got "
+                         f"{num_slots}, {num_layers}, {top_k}")
+    need = num_layers * top_k
+    if num_slots >= need:
+        return None
+    return (f"the expert budget holds {num_slots} experts, less than one token's working set "
+            f"({num_layers} layers x top-{top_k} = {need}): expect low cache hit rates; a budget of at least "
+            f"{need} experts avoids this")
 
 
 def available_policies() -> list[str]:
@@ -113,8 +137,10 @@ class LRUPolicy(EvictionPolicy):
         self._order.move_to_end(key)
 
     def access(self, key: ExpertKey, hit: bool) -> None:
-        self._order[key] = None
-        self._order.move_to_end(key)
+        try:
+            self._order.move_to_end(key)
+        except KeyError:
+            self._order[key] = None
 
     def evict(self, key: ExpertKey) -> None:
         self._order.pop(key, None)
@@ -295,6 +321,186 @@ class ShallowFavoringPolicy(EvictionPolicy):
         return None
 
 
+@register_policy("lrfu")
+class DecayedFrequencyPolicy(EvictionPolicy):
+    """LRFU: evict the candidate with the lowest use frequency, decayed with a half-life in passes.
+
+    A key's *weight* is the sum over its demand uses of ``0.5 ** (age / half_life)``, ``age`` counted in
+    passes (a pass = one walk through the MoE layers, i.e. one decode token): a short half-life leans
+    to recency, a long one to frequency (LFU), and unlike LRU it measures recency in passes, so it does
+    not collapse when the cache holds less than one token's working set (layers x top_k). Ties go to
+    the least recently used. All layers see top_k uses per pass, so weights compare fairly across
+    layers: layers with skewed routing get more slots than flat ones without any quota.
+
+    Cost: the weight is stored as ``log(weight) + age_scale * pass``, which does not change between a
+    key's uses (decay shifts every key alike), so resident keys sit in a lazy heap: O(log n + skipped)
+    per victim.
+    """
+
+    def __init__(self, half_life: float = 8.0, **kw) -> None:
+        super().__init__(**kw)
+        if not half_life > 0:
+            raise ValueError(f"auto: half_life must be > 0 passes, got {half_life}")
+        self.half_life = float(half_life)
+        self._rate = np.log(2.0) / self.half_life  # log-weight lost per pass
+        self._pass = 0
+        self._layer = -1
+        self._prio: dict[ExpertKey, float] = {}  # key -> log weight referred to pass 0 (all keys ever used)
+        self._resident: dict[ExpertKey, int] = {}  # key -> clock of its last event (tie break, staleness)
+        self._heap: list[tuple[float, int, ExpertKey]] = []  # (priority, clock, key); stale entries skipped
+        self._clock = 0
+
+    def layer_start(self, layer: int) -> None:
+        if layer <= self._layer:
+            self._pass += 1
+        self._layer = layer
+
+    def _push(self, key: ExpertKey) -> None:
+        self._clock += 1
+        self._resident[key] = self._clock
+        heapq.heappush(self._heap, (self._prio.get(key, -np.inf), self._clock, key))
+        if len(self._heap) > 4 * len(self._resident) + 64:  # drop stale entries now and then
+            self._heap = [(self._prio.get(k, -np.inf), c, k) for k, c in self._resident.items()]
+            heapq.heapify(self._heap)
+
+    def insert(self, key: ExpertKey, prefetch: bool) -> None:
+        self._push(key)
+
+    def access(self, key: ExpertKey, hit: bool) -> None:
+        now = self._pass * self._rate  # log weight of one use made now, referred to pass 0
+        old = self._prio.get(key)
+        self._prio[key] = now if old is None else max(old, now) + float(np.log1p(np.exp(-abs(old - now))))
+        if key in self._resident:
+            self._push(key)
+
+    def evict(self, key: ExpertKey) -> None:
+        self._resident.pop(key, None)
+
+    def victim(self, evictable: Callable[[ExpertKey], bool]) -> ExpertKey | None:
+        heap, skipped, found = self._heap, [], None
+        while heap:
+            item = heapq.heappop(heap)
+            _, clock, key = item
+            if self._resident.get(key) != clock:
+                continue  # stale: evicted, or touched again since
+            if evictable(key):
+                found = key
+                heapq.heappush(heap, item)  # still resident until the core evicts it
+                break
+            skipped.append(item)
+        for item in skipped:
+            heapq.heappush(heap, item)
+        return found
+
+
+#: Policies the default ("auto") chooses among, by name and keyword arguments.
+AUTO_CANDIDATES: tuple[tuple[str, dict[str, Any]], ...] = (("lfu", {}), ("lru", {}), ("lrfu", {"half_life": 8.0}))
+
+
+@register_policy("auto")
+class AutoPolicy(EvictionPolicy):
+    """The default: follow whichever candidate policy (LFU, LRU, LRFU) would have hit most lately.
+
+    No single policy wins everywhere on real routing: LRU collapses to ~0 hits when the cache holds
+    less than one token's working set (layers x top_k: decode visits layers cyclically, so the least
+    recent experts are exactly the next layers'), LFU is best on routing with stable expert
+    popularity, and recency wins on text that repeats itself locally (legal text: LRU 0.29 vs LFU 0.23
+    at a 10 % cache). Each candidate runs twice: once on the real residency (it sees the core's events
+    and ranks the real resident keys), and once on a *shadow* cache of the same capacity fed the same
+    demand accesses, which counts the hits it would have had. A shadow hit adds 1 to its candidate's
+    score; scores decay by ``decay`` per pass (a memory of about ``1 / (1 - decay)`` passes); the
+    victim is the real-residency victim of the *leader*: the first candidate (LFU) at the start; a
+    candidate whose score passes the leader's by ``margin`` (a share) plus one hit per layer takes
+    over at the next pass (noise in a short window does not make it flap), and the first candidate
+    takes back over as soon as its score is level with the leader's (leaving LFU needs evidence,
+    returning to it does not). No switch happens in the first ``1 / (1 - decay)`` passes: early
+    counts favour recency (LFU's counts are still young), which a lasting switch would pay for later. While one candidate leads throughout, the cache evicts exactly as that
+    policy alone would: its ranking does not depend on what the other candidates evicted.
+
+    Cost: 2 x len(candidates) policy updates per event; a victim costs what the leader's costs
+    (O(log n + skipped) for the candidates here); a shadow miss costs one shadow victim.
+    """
+
+    def __init__(
+        self,
+        candidates: Sequence[tuple[str, Mapping[str, Any]]] = AUTO_CANDIDATES,
+        decay: float = 0.99,
+        margin: float = 0.1,
+        **kw,
+    ) -> None:
+        super().__init__(**kw)
+        if not candidates or not 0.0 < decay < 1.0:
+            raise ValueError("auto: give at least one candidate policy and a decay in (0, 1)")
+        if any(name == "auto" for name, _ in candidates):
+            raise ValueError("auto: a candidate cannot be 'auto' itself")
+        dims = {"num_layers": self.num_layers, "num_experts": self.num_experts, "capacity": self.capacity}
+        self.names = [name for name, _ in candidates]
+        self.real = [make_policy(name, **dims, **dict(kw_)) for name, kw_ in candidates]
+        self.shadow = [make_policy(name, **dims, **dict(kw_)) for name, kw_ in candidates]
+        self.shadow_keys: list[set[ExpertKey]] = [set() for _ in candidates]
+        self.score = [0.0] * len(candidates)
+        self.leader = 0
+        self.decay = decay
+        self.margin = margin
+        self.warmup = round(1.0 / (1.0 - decay))  # passes before the first switch: one memory length
+        self._passes = 0
+        self._layer = -1
+        self._step_keys: set[ExpertKey] = set()  # the running layer's accesses: not shadow victims
+
+    def layer_start(self, layer: int) -> None:
+        if layer <= self._layer:  # a new pass: forget a little, pick the leader for it
+            self.score = [x * self.decay for x in self.score]
+            self._passes += 1
+        if layer <= self._layer and self._passes >= self.warmup:
+            best = max(range(len(self.score)), key=self.score.__getitem__)
+            if self.leader != 0 and self.score[0] >= self.score[self.leader]:
+                self.leader = 0  # back to the first candidate as soon as it is level again
+            elif self.score[best] > (1.0 + self.margin) * self.score[self.leader] + self.num_layers:
+                self.leader = best
+        self._layer = layer
+        self._step_keys = set()
+        for pol in self.real:
+            pol.layer_start(layer)
+        for pol in self.shadow:
+            pol.layer_start(layer)
+
+    def insert(self, key: ExpertKey, prefetch: bool) -> None:
+        for pol in self.real:
+            pol.insert(key, prefetch)
+
+    def access(self, key: ExpertKey, hit: bool) -> None:
+        for pol in self.real:
+            pol.access(key, hit)
+        self._step_keys.add(key)
+        step_keys = self._step_keys
+        for i, pol in enumerate(self.shadow):
+            keys = self.shadow_keys[i]
+            if key in keys:
+                self.score[i] += 1.0
+                pol.access(key, True)
+                continue
+            if len(keys) >= self.capacity:
+                v = pol.victim(lambda k: k not in step_keys)
+                if v is None:
+                    continue  # the running layer alone fills the shadow: it runs in waves, keep it out
+                keys.discard(v)
+                pol.evict(v)
+            keys.add(key)
+            pol.insert(key, False)
+            pol.access(key, False)
+
+    def evict(self, key: ExpertKey) -> None:
+        for pol in self.real:
+            pol.evict(key)
+
+    def observe_scores(self, scores: Mapping[ExpertKey, float]) -> None:
+        for pol in self.real:
+            pol.observe_scores(scores)
+
+    def victim(self, evictable: Callable[[ExpertKey], bool]) -> ExpertKey | None:
+        return self.real[self.leader].victim(evictable)
+
+
 _MATCHES = 3  # remembered passes matched against the running one
 _HORIZON = 8  # successors of a matched pass read as predictions of the next passes
 
@@ -447,23 +653,102 @@ class PredictivePolicy(EvictionPolicy):
     A linear model over ``ReuseFeatures`` (path matches against remembered passes and their successors,
     decayed frequency, age of the last use, predictor scores from ``observe_scores``) predicts the log of
     the number of layer steps until each key is next used; the victim is the candidate with the largest
-    prediction. ``weights``: one per ``REUSE_FEATURES`` entry, from ``fit_reuse_weights`` (default:
-    ``DEFAULT_REUSE_WEIGHTS``); ``memory``: how many passes the path memory keeps.
+    prediction. ``weights``: the starting weights, one per ``REUSE_FEATURES`` entry (default:
+    ``DEFAULT_REUSE_WEIGHTS``, or ``fit_reuse_weights`` on traces); ``memory``: how many passes the path
+    memory keeps.
+
+    Online fitting (``online=True``, the default): the model refits itself to the routing it sees, so it
+    needs no offline fit. Whenever the resident keys are ranked, ``samples`` of them are kept with their
+    features; a sample's target, the log of the layer steps until its key is next used, is known when
+    the key is used again or, capped, once ``horizon`` passes went by without a use. Resolved samples
+    enter exponentially forgotten least squares (``forget`` per pass), ridge-regularised towards the
+    starting weights with strength ``prior``; the weights are re-solved at every pass once the first
+    ``horizon`` passes are over (before that only short distances have resolved: a biased sample).
     """
 
-    def __init__(self, weights: Sequence[float] | None = None, memory: int = 1024, **kw) -> None:
+    def __init__(
+        self,
+        weights: Sequence[float] | None = None,
+        memory: int = 1024,
+        online: bool = True,
+        horizon: int = 64,
+        forget: float = 0.995,
+        samples: int = 8,
+        prior: float = 10.0,
+        seed: int = 0,
+        **kw,
+    ) -> None:
         super().__init__(**kw)
         self._resident: dict[ExpertKey, None] = {}
         w = DEFAULT_REUSE_WEIGHTS if weights is None else tuple(float(x) for x in weights)
         if len(w) != len(REUSE_FEATURES):
             raise ValueError(f"predictive: weights needs {len(REUSE_FEATURES)} values ({', '.join(REUSE_FEATURES)})")
+        if horizon < 1 or not 0.0 < forget <= 1.0 or samples < 0 or prior < 0:
+            raise ValueError("predictive: horizon >= 1, forget in (0, 1], samples >= 0 and prior >= 0 are needed")
         self.weights = np.asarray(w)
+        self.initial_weights = self.weights.copy()
         self.reuse = ReuseFeatures(self.num_layers, self.num_experts, memory)
         self._ranked: list[ExpertKey] | None = None  # this step's candidates, best victim last
+        self.online = online
+        self.horizon, self.forget, self.samples, self.prior = horizon, forget, samples, prior
+        d = len(REUSE_FEATURES)
+        self._rng = np.random.default_rng(seed)
+        self._gram = np.zeros((d, d))  # forgotten sum of x x^T over resolved samples
+        self._rhs = np.zeros(d)  # forgotten sum of x y
+        self.resolved = 0  # samples resolved so far
+        # Pending samples: a ring of features, flat key index, layer step of the sample; step < 0 = free.
+        cap = max(64, 2 * samples * self.num_layers * horizon) if online else 0
+        self._px = np.zeros((cap, d))
+        self._pkey = np.zeros(cap, dtype=np.int64)
+        self._pstep = np.full(cap, -1, dtype=np.int64)
+        self._pnext = 0
+
+    def _now(self) -> int:
+        return self.reuse.token * self.num_layers + max(self.reuse.layer, 0)
 
     def layer_start(self, layer: int) -> None:
+        if self.online and layer <= self.reuse.layer:
+            self._learn_pass()  # the running pass ends: its uses resolve pending samples
         self.reuse.layer_start(layer)
         self._ranked = None
+
+    def _learn_pass(self) -> None:
+        """Resolve the pending samples whose key the ending pass used or whose horizon passed; refit."""
+        L, E = self.num_layers, self.num_experts
+        live = self._pstep >= 0
+        if live.any():
+            at = np.flatnonzero(live)
+            key, s0 = self._pkey[at], self._pstep[at]
+            use_step = self.reuse.token * L + key // E  # each key is used at most once per pass, at its layer
+            used = self.reuse.cur.reshape(-1)[key] & (use_step > s0)
+            cap = self.horizon * L
+            expired = ~used & (self._now() + 1 - s0 >= cap)
+            done = used | expired
+            if done.any():
+                y = np.log(np.where(used, use_step - s0, cap)[done].astype(np.float64))
+                x = self._px[at[done]]
+                self._gram += x.T @ x
+                self._rhs += x.T @ y
+                self._pstep[at[done]] = -1
+                self.resolved += int(done.sum())
+        self._gram *= self.forget
+        self._rhs *= self.forget
+        if self.reuse.token >= self.horizon and self.resolved:
+            d = len(REUSE_FEATURES)
+            reg = self.prior * np.eye(d)
+            self.weights = np.linalg.solve(self._gram + reg + 1e-9 * np.eye(d), self._rhs + reg @ self.initial_weights)
+
+    def _keep_samples(self, idx: np.ndarray, x: np.ndarray) -> None:
+        n = min(self.samples, len(idx))
+        if n == 0 or not self.online:
+            return
+        pick = self._rng.choice(len(idx), size=n, replace=False)
+        cap = len(self._pstep)
+        slots = (self._pnext + np.arange(n)) % cap  # the oldest pending samples give way when the ring is full
+        self._pnext = int((self._pnext + n) % cap)
+        self._px[slots] = x[pick]
+        self._pkey[slots] = idx[pick]
+        self._pstep[slots] = self._now()
 
     def insert(self, key: ExpertKey, prefetch: bool) -> None:
         self._resident[key] = None
@@ -484,7 +769,9 @@ class PredictivePolicy(EvictionPolicy):
         """Predicted log of the layer steps until each key's next use."""
         E = self.num_experts
         idx = np.fromiter((k[0] * E + k[1] for k in keys), dtype=np.int64, count=len(keys))
-        return self.reuse.features(idx) @ self.weights
+        x = self.reuse.features(idx)
+        self._keep_samples(idx, x)
+        return x @ self.weights
 
     def victim(self, evictable: Callable[[ExpertKey], bool]) -> ExpertKey | None:
         # Several victims are usually asked for in one layer step: rank the resident keys once per step
