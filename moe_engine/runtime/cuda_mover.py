@@ -43,13 +43,12 @@ import queue
 import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures import wait as wait_futures
 
 import torch
 
 from moe_engine.runtime.host_tier import HostTierPlan, PinnedArena
-from moe_engine.runtime.mover import Mover, MoverClosedError, Ticket, _Job
+from moe_engine.runtime.mover import Mover, MoverClosedError, Ticket, _Job, wait_job
 from moe_engine.runtime.store import CheckpointStore, ExpertLocation
 
 ExpertKey = tuple[int, int]
@@ -134,14 +133,7 @@ class _StagedTicket(Ticket):
         if not fut.done():
             if not self.job.started:  # a prefetch still queued is now demanded: move it to the front
                 self.mover._put(_DEMAND, self.job)
-            while True:
-                try:
-                    fut.result(timeout=0.5)
-                    break
-                except FutureTimeout:
-                    if self.mover.closed and not fut.done():
-                        raise MoverClosedError("the model was closed while an expert was loading") from None
-        event = fut.result()  # re-raises the read's error (no event was recorded for it)
+        event = wait_job(fut, self.mover)  # re-raises the read's error (no event was recorded for it)
         _wait_event(event, self.mover.device)
         return time.perf_counter() - t0
 

@@ -116,6 +116,17 @@ class _Job:
         self.loc = self.slot = self.after = None  # type: ignore[assignment]  # free the slot view
 
 
+def wait_job(fut: Future, mover) -> object:
+    """``fut.result()``, but a close() of ``mover`` from elsewhere ends the wait with ``MoverClosedError``
+    instead of blocking forever (polls twice a second; a finished result returns at once)."""
+    while True:
+        try:
+            return fut.result(timeout=0.5)
+        except FutureTimeout:
+            if mover.closed and not fut.done():
+                raise MoverClosedError("the model was closed while an expert was loading") from None
+
+
 class _JobTicket(Ticket):
     def __init__(self, job: _Job, mover: ThreadMover) -> None:
         self.job, self.mover = job, mover
@@ -134,13 +145,7 @@ class _JobTicket(Ticket):
         if not self.job.started:  # a prefetch still queued is now demanded: move it to the front
             self.mover._put(0, self.job)
         t0 = time.perf_counter()
-        while True:
-            try:
-                fut.result(timeout=0.5)
-                break
-            except FutureTimeout:
-                if self.mover.closed and not fut.done():
-                    raise MoverClosedError("the model was closed while an expert was loading") from None
+        wait_job(fut, self.mover)
         return time.perf_counter() - t0
 
 

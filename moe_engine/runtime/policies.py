@@ -124,6 +124,24 @@ class EvictionPolicy(ABC):
         """
 
 
+def _heap_victim(heap: list, current: Callable[[tuple], bool], evictable: Callable[[ExpertKey], bool]) -> ExpertKey | None:
+    """The best evictable key of a lazily invalidated min-heap of ``(..., key)`` items: stale items
+    (``not current(item)``) are dropped, non-evictable ones skipped and pushed back. O((skipped + stale) log n)."""
+    skipped, found = [], None
+    while heap:
+        item = heapq.heappop(heap)
+        if not current(item):
+            continue
+        if evictable(item[-1]):
+            found = item[-1]
+            heapq.heappush(heap, item)  # still resident until the core evicts it
+            break
+        skipped.append(item)
+    for item in skipped:
+        heapq.heappush(heap, item)
+    return found
+
+
 @register_policy("lru")
 class LRUPolicy(EvictionPolicy):
     """Least recently used: evict the candidate whose last insert/access is oldest."""
@@ -186,20 +204,11 @@ class LFUPolicy(EvictionPolicy):
         self._resident.discard(key)
 
     def victim(self, evictable: Callable[[ExpertKey], bool]) -> ExpertKey | None:
-        heap, skipped, found = self._heap, [], None
-        while heap:
-            item = heapq.heappop(heap)
+        def current(item: tuple[int, int, ExpertKey]) -> bool:
             count, last, key = item
-            if key not in self._resident or self._last.get(key) != last or self._count.get(key, 0) != count:
-                continue  # stale
-            if evictable(key):
-                found = key
-                heapq.heappush(heap, item)  # still resident until the core evicts it
-                break
-            skipped.append(item)
-        for item in skipped:
-            heapq.heappush(heap, item)
-        return found
+            return key in self._resident and self._last.get(key) == last and self._count.get(key, 0) == count
+
+        return _heap_victim(self._heap, current, evictable)
 
 
 @register_policy("arc")
@@ -377,20 +386,7 @@ class DecayedFrequencyPolicy(EvictionPolicy):
         self._resident.pop(key, None)
 
     def victim(self, evictable: Callable[[ExpertKey], bool]) -> ExpertKey | None:
-        heap, skipped, found = self._heap, [], None
-        while heap:
-            item = heapq.heappop(heap)
-            _, clock, key = item
-            if self._resident.get(key) != clock:
-                continue  # stale: evicted, or touched again since
-            if evictable(key):
-                found = key
-                heapq.heappush(heap, item)  # still resident until the core evicts it
-                break
-            skipped.append(item)
-        for item in skipped:
-            heapq.heappush(heap, item)
-        return found
+        return _heap_victim(self._heap, lambda item: self._resident.get(item[2]) == item[1], evictable)
 
 
 #: Policies the default ("auto") chooses among, by name and keyword arguments.
