@@ -110,6 +110,11 @@ class EvictionPolicy(ABC):
     def access(self, key: ExpertKey, hit: bool) -> None:
         """The running layer uses ``key`` (already resident when ``hit``)."""
 
+    def access_hits(self, keys: Sequence[ExpertKey]) -> None:
+        """``access(key, hit=True)`` for each of ``keys``, in order (policies may do it in one go)."""
+        for key in keys:
+            self.access(key, hit=True)
+
     def evict(self, key: ExpertKey) -> None:
         """``key`` lost its slot."""
 
@@ -159,6 +164,15 @@ class LRUPolicy(EvictionPolicy):
             self._order.move_to_end(key)
         except KeyError:
             self._order[key] = None
+
+    def access_hits(self, keys: Sequence[ExpertKey]) -> None:
+        order = self._order
+        move = order.move_to_end
+        for key in keys:
+            try:
+                move(key)
+            except KeyError:  # hits are resident, but an interrupted update may have lost one
+                order[key] = None
 
     def evict(self, key: ExpertKey) -> None:
         self._order.pop(key, None)

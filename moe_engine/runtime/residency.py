@@ -162,6 +162,8 @@ class Residency:
         self._keep: set[ExpertKey] = set()  # predicted keys during a prefetch call: not victims either
         self._unjudged: dict[int, set[ExpertKey]] = {}  # layer -> prefetched for it, not judged yet
         self._observe = type(policy).observe_scores is not EvictionPolicy.observe_scores
+        self._layer_start = type(policy).layer_start is not EvictionPolicy.layer_start
+        self._key_cache: list[list[ExpertKey]] = []  # [layer][expert] -> (layer, expert)
         self.c = Counters(num_layers)
         self.bytes_moved = [0] * num_layers
         self.prefetch_bytes = [0] * num_layers
@@ -237,8 +239,9 @@ class Residency:
                 self.log.append(("evict", victim))
             return e.slot
 
-    def _admit(self, key: ExpertKey, prefetch: bool) -> int | None:
-        """Give ``key`` a slot (free, or the policy's victim's) in state LOADING; None if none can be had."""
+    def _admit(self, key: ExpertKey, prefetch: bool, state: int = LOADING) -> int | None:
+        """Give ``key`` a slot (free, or the policy's victim's) in ``state`` (LOADING: a copy will run;
+        READY: a driver with nothing to copy); None if no slot can be had."""
         if self.free:
             slot = self.free.pop()
         else:
@@ -246,8 +249,8 @@ class Residency:
             if got is None:
                 return None
             slot = got
-        self.entries[key] = _Entry(slot, LOADING, prefetch)
-        self.policy.insert(key, prefetch=prefetch)
+        self.entries[key] = _Entry(slot, state, prefetch)
+        self.policy.insert(key, prefetch)
         layer = key[0]
         self.bytes_moved[layer] += self.expert_bytes
         if prefetch:
@@ -256,6 +259,11 @@ class Residency:
         if n > self.peak_resident:
             self.peak_resident = n
         return slot
+
+    def _grow_keys(self, layer: int) -> list[ExpertKey]:
+        while len(self._key_cache) <= layer:
+            self._key_cache.append([])
+        return self._key_cache[layer]
 
     def _repair(self) -> None:
         """Rebuild the free list if an interrupted operation lost a slot (never seen in normal runs)."""
@@ -268,9 +276,15 @@ class Residency:
         and misses to the policy. Returns (hits, misses), each in ascending expert order."""
         if len(self.free) + len(self.entries) != self.num_slots:
             self._repair()
-        self.policy.layer_start(layer)
+        if self._layer_start:
+            self.policy.layer_start(layer)
         c = self.c
-        keys = [(layer, e) for e in sorted(set(experts))]  # one order for every driver: ascending ids
+        # One order for every driver: ascending expert ids. Key tuples are made once per (layer, e).
+        order = sorted(set(experts))
+        made = self._key_cache[layer] if layer < len(self._key_cache) else self._grow_keys(layer)
+        if order and order[-1] >= len(made):
+            made.extend((layer, e) for e in range(len(made), order[-1] + 1))
+        keys = [made[e] for e in order]
         judged = self._unjudged.pop(layer, None)
         if judged:  # prefetches aimed at this layer that it does not use were mispredictions
             c.mispredictions[layer] += len(judged.difference(keys))
@@ -279,14 +293,11 @@ class Residency:
         hits: list[ExpertKey] = []
         misses: list[ExpertKey] = []
         entries = self.entries
-        access = self.policy.access
         ready_hits = 0
         for k in keys:
             e = entries.get(k)
             if e is None:
                 misses.append(k)
-                if log is not None:
-                    log.append(("miss", k))
                 continue
             if e.state == READY or ready(k):
                 e.state = READY
@@ -294,10 +305,11 @@ class Residency:
             if e.prefetched:
                 e.prefetched = False
                 c.prefetch_hits[layer] += 1
-            access(k, hit=True)
             hits.append(k)
-            if log is not None:
-                log.append(("hit", k))
+        if log is not None:
+            log.extend(("miss" if entries.get(k) is None else "hit", k) for k in keys)
+        if hits:
+            self.policy.access_hits(hits)
         c.hits[layer] += ready_hits
         if len(hits) > ready_hits:
             c.late_hits[layer] += len(hits) - ready_hits
@@ -348,16 +360,14 @@ class Residency:
         hits, misses = self._begin(layer, experts, ready)
         try:
             to_load = deque(misses)
-            if to_load:
-                for _ in self._start_loads(to_load):
-                    pass
+            if misses:
+                self._start_loads(to_load, make=False)  # admitted READY: nothing to copy
             if predict is not None:
                 predict()
             if to_load or not self.keep_resident:  # waves: computing frees slots for the rest
                 for k in hits + misses:
                     if k not in self.entries:
-                        for _ in self._start_loads(to_load):
-                            pass
+                        self._start_loads(to_load, make=False)
                         if k not in self.entries:
                             raise RuntimeError(f"residency: no slot for expert {k} (all {self.num_slots} protected)")
                     self.entries[k].state = READY
@@ -365,28 +375,29 @@ class Residency:
                     if not self.keep_resident:
                         self._drop(k)
                     elif to_load:
-                        for _ in self._start_loads(to_load):
-                            pass
-            else:
-                for k in misses:
-                    self.entries[k].state = READY
+                        self._start_loads(to_load, make=False)
         finally:
             self.protected = set()
 
-    def _start_loads(self, to_load: deque[ExpertKey]) -> list[Load]:
-        """Admit queued demand loads while slots can be had; returns the loads to perform."""
-        loads = []
+    def _start_loads(self, to_load: deque[ExpertKey], make: bool = True) -> list[Load]:
+        """Admit queued demand loads while slots can be had; returns the loads to perform (none are
+        made when ``make`` is False: a driver with nothing to copy)."""
+        loads: list[Load] = []
         log = self.log
+        access = self.policy.access
+        admit = self._admit
+        state = LOADING if make else READY
         while to_load:
             k = to_load[0]
-            slot = self._admit(k, prefetch=False)
+            slot = admit(k, False, state)
             if slot is None:
                 break
             to_load.popleft()
-            self.policy.access(k, hit=False)
+            access(k, False)
             if log is not None:
                 log.append(("load", k))
-            loads.append(Load(k, slot))
+            if make:
+                loads.append(Load(k, slot))
         return loads
 
     def _drop(self, key: ExpertKey) -> None:
