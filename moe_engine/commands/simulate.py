@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 NAME = "simulate"
 HELP = "replay a routing trace through an expert cache policy (+ predictor prefetch) against Belady's optimum"
@@ -45,7 +46,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="checkpoint directory (cross_layer_gate's router weights)")
     p.add_argument("--learned", default=None, help="saved learned predictor (.pt) to load, or to save to after training")
     p.add_argument("--profile", default="pcie4-x16", help="hardware profile for the time projection (pcie4-x16, disk)")
-    p.add_argument("--expert-bytes", type=int, default=None, help="bytes per expert (default: DeepSeek-V2-Lite's bf16 expert)")
+    p.add_argument("--expert-bytes", type=int, default=None,
+                   help="bytes per expert (default: the trace's own record, else --model's experts, else "
+                        "DeepSeek-V2-Lite's bf16 expert, the model of the shared traces)")
     p.add_argument("--max-tokens", type=int, default=None, help="replay only the first N tokens")
     p.add_argument("--no-belady", action="store_true", help="skip the Belady reference")
     p.add_argument("--list", action="store_true", help="list policies, predictors and profiles, then exit")
@@ -78,6 +81,10 @@ def run(args: argparse.Namespace) -> int:
 
     trace = load_trace(args.trace)
     train = [load_trace(p) for p in args.train]
+    if args.expert_bytes is None and "expert_bytes" not in trace.meta and args.model:
+        args.expert_bytes = _checkpoint_expert_bytes(args.model)
+    if args.expert_bytes is not None and args.expert_bytes < 1:
+        raise UserError(f"--expert-bytes must be a positive number of bytes, got {args.expert_bytes}")
     extra = {}
     if args.prefetch_per_layer is not None:
         extra["prefetch_per_layer"] = args.prefetch_per_layer
@@ -126,3 +133,30 @@ def run(args: argparse.Namespace) -> int:
         print(f"time per token    {1e3 * res.time_per_token_s:.2f} ms on {args.profile}  (stall "
               f"{1e3 * (res.stall_per_token_s or 0):.2f} ms, compute {1e3 * (res.compute_per_token_s or 0):.2f} ms)")
     return 0
+
+
+def _checkpoint_expert_bytes(model_dir: str) -> int:
+    """Bytes of one routed expert in a checkpoint (its first MoE layer's expert 0), from the headers."""
+    from moe_engine.runtime.adapters import get_adapter, parse_expert_key
+    from moe_engine.runtime.loader import _load_config
+    from moe_engine.runtime.store import CheckpointStore
+
+    path = Path(model_dir)
+    adapter = get_adapter(_load_config(path))
+    store = CheckpointStore.open(path)
+    try:
+        first: dict[int, int] = {}  # decoder layer -> bytes of its expert 0
+        for name, loc in store.tensors.items():
+            parsed = parse_expert_key(name, adapter)
+            if parsed is None:
+                continue
+            dec, expert, _ = parsed
+            if expert is None:  # fused [E, ...]: one row per expert
+                first[dec] = first.get(dec, 0) + loc.nbytes // loc.shape[0]
+            elif expert == 0:
+                first[dec] = first.get(dec, 0) + loc.nbytes
+        if not first:
+            raise ValueError(f"{model_dir}: no routed expert tensors found in the checkpoint")
+        return first[min(first)]
+    finally:
+        store.close()

@@ -202,6 +202,9 @@ def record_trace(
         "moe_layers": [i for i, _ in hooks.blocks],
         "router_score": hooks.kind,
     }
+    eb = _expert_bytes(model, hooks.blocks)
+    if eb:
+        full_meta["expert_bytes"] = eb
     full_meta.update(meta or {})
     return RoutingTrace(
         expert_ids=np.concatenate([p[0] for p in parts]).astype(id_dtype),
@@ -210,3 +213,15 @@ def record_trace(
         meta=full_meta,
         gate_inputs=np.concatenate([p[2] for p in parts]).astype(np.float16) if gate_inputs else None,  # type: ignore[misc]
     )
+
+
+def _expert_bytes(model, blocks) -> int | None:
+    """Bytes of one routed expert as the model computes with it (the simulator's transfer unit)."""
+    engine = getattr(model, "engine", None)
+    if engine is not None:
+        return int(engine.expert_bytes)
+    experts = getattr(blocks[0][1], "experts", None) if blocks else None
+    gate_up, down = getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None)
+    if gate_up is None or down is None:
+        return None
+    return int((gate_up[0].numel() + down[0].numel()) * gate_up.element_size())

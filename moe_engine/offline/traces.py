@@ -34,9 +34,24 @@ class RoutingTrace:
     gate_inputs: np.ndarray | None = None  # [T, L, H] float16
 
     def __post_init__(self) -> None:
+        """The one validator of routing traces (every command reads traces through it)."""
+        from moe_engine.placement.affinity import validate_expert_ids
+
         ids, w, s = self.expert_ids, self.expert_weights, self.sequence_starts
+        if not isinstance(self.meta, dict):
+            raise ValueError(f"meta must be a JSON object, got {type(self.meta).__name__}")
         if ids.ndim != 3:
             raise ValueError(f"expert_ids must be [T, L, K], got shape {ids.shape}")
+        if ids.shape[0] == 0 or ids.shape[1] == 0 or ids.shape[2] == 0:
+            raise ValueError(f"the trace is empty: expert_ids has shape {ids.shape} (tokens, layers, top-k)")
+        n = self.meta.get("num_experts")
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise ValueError(f"meta num_experts must be a positive integer, got {n!r}")
+        validate_expert_ids(ids, n)  # integers, none negative, none >= num_experts
+        for name in ("expert_bytes",):
+            v = self.meta.get(name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"meta {name} must be a positive integer, got {v!r}")
         if w.shape != ids.shape:
             raise ValueError(f"expert_weights shape {w.shape} differs from expert_ids shape {ids.shape}")
         if s.ndim != 1 or len(s) < 2 or s[0] != 0 or s[-1] != ids.shape[0] or np.any(np.diff(s) < 0):
@@ -149,6 +164,8 @@ def load_trace(path: str | os.PathLike) -> RoutingTrace:
                 meta = json.loads(str(data["meta"]))
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{path}: meta is not valid JSON ({exc})") from None
+            if not isinstance(meta, dict):
+                raise ValueError(f"{path}: meta must be a JSON object, got {type(meta).__name__}")
         fmt = meta.get("format", FORMAT)
         if fmt != FORMAT:
             raise ValueError(f"{path} has format {fmt!r}; this version reads {FORMAT!r}")
