@@ -90,3 +90,10 @@ def test_recorded_traces_carry_expert_bytes(tiny_checkpoint):
     tr = record_trace(model, [list(range(4, 12))])
     assert isinstance(tr, RoutingTrace)
     assert tr.meta["expert_bytes"] == tiny_models.expert_bytes(tiny_models.tiny_config("qwen3_moe"))
+
+
+def test_simulate_list_works_alone():
+    proc = _cli("simulate", "--list")
+    assert proc.returncode == 0 and "policies:" in proc.stdout and "auto" in proc.stdout, proc.stderr
+    proc = _cli("simulate", "--budget", "0.5")
+    assert proc.returncode == 2 and proc.stderr.strip() == "error: --trace is required (or use --list)"

@@ -29,8 +29,9 @@ examples:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--trace", required=True, help="routing trace (.npz) to replay")
-    p.add_argument("--budget", type=float, required=True, help="cache capacity as a share of all experts, in (0, 1]")
+    p.add_argument("--trace", default=None, help="routing trace (.npz) to replay (required unless --list)")
+    p.add_argument("--budget", type=float, default=None,
+                   help="cache capacity as a share of all experts, in (0, 1] (required unless --list)")
     p.add_argument("--policy", default="auto", help="eviction policy (default auto); see --list")
     p.add_argument("--predictor", default=None, help="predictor whose scores drive prefetch (and predictive eviction)")
     p.add_argument("--distance", type=int, default=1, help="layers ahead the predictor scores (default 1)")
@@ -66,6 +67,9 @@ def run(args: argparse.Namespace) -> int:
         print("predictors:", ", ".join(available_predictors()))
         print("profiles:  ", ", ".join(PROFILES))
         return 0
+    missing = [flag for flag, value in (("--trace", args.trace), ("--budget", args.budget)) if value is None]
+    if missing:
+        raise UserError(f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} required (or use --list)")
     if args.policy not in available_policies():
         raise UserError(f"unknown cache policy {args.policy!r}; choose one of: {', '.join(available_policies())}")
     if args.profile not in PROFILES:
