@@ -58,6 +58,7 @@ def test_generate_prints_text_and_one_stats_line(tiny_checkpoint, extra):
     assert "hello world" in proc.stdout, proc.stdout  # the prompt streams first
     lines = stats_lines(proc)
     assert len(lines) == 1, f"want one stats line with tok/s, got {lines}"
+    assert "[moe-engine]" not in proc.stdout, "the stats line goes to stderr, apart from the generated text"
     line = lines[0]
     assert re.search(r"(?i)hit rate", line), line
     assert re.search(r"\d+(\.\d+)? tok/s", line), line

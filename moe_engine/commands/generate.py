@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 NAME = "generate"
 HELP = "generate text from a MoE checkpoint with experts offloaded under a memory budget"
@@ -107,10 +108,17 @@ def run(args: argparse.Namespace) -> int:
     extra = ""
     if model.engine.device.type == "cuda":
         extra = f", peak GPU {format_bytes(torch.cuda.max_memory_allocated())}"
+    if args.policy == "none":
+        cache = f"no cache (load on demand), {s.misses} expert loads"
+    else:
+        slots = f"{s.num_slots} slot{'s' if s.num_slots != 1 else ''}"
+        late = f", {s.late_hits} late" if s.late_hits else ""
+        cache = f"hit rate {s.hit_rate:.1%}{late} | budget {format_bytes(s.budget_bytes)} ({slots})"
+    sys.stdout.flush()  # the streamed text first, then the stats line on stderr (apart from the text)
     print(
-        f"\n[moe-engine] {n_new} tokens in {dt:.2f} s ({n_new / dt:.2f} tok/s, load {load_s:.1f} s) | "
-        f"hit rate {s.hit_rate:.1%} | moved {format_bytes(s.bytes_moved)} | "
-        f"budget {format_bytes(s.budget_bytes)} ({s.num_slots} slots) | peak RSS {format_bytes(peak)}{extra}"
+        f"\n[moe-engine] {n_new} tokens in {dt:.2f} s ({n_new / dt:.2f} tok/s, load {load_s:.1f} s) | {cache} | "
+        f"moved {format_bytes(s.bytes_moved)} | peak RSS {format_bytes(peak)}{extra}",
+        file=sys.stderr,
     )
     model.engine.close()
     return 0
