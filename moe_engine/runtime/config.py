@@ -2,7 +2,8 @@
 
 Glossary: the *budget* is the number of bytes of fast tier that expert slots may use (non-expert
 weights and activations are separate). It is given as bytes (``123456``), a string with a unit
-(``"512MB"``, ``"2GiB"``), or a fraction of all expert bytes (``0.25``).
+(``"512MB"``, ``"2GiB"``), a fraction of all expert bytes (``0.25``, ``"0.25"``, ``1.0``, ``"1.0"``) or a
+percentage (``"25%"``); see ``parse_budget`` for the exact grammar.
 
 Example::
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from decimal import Decimal
 
 _UNITS = {
     "": 1, "b": 1,
@@ -26,11 +28,23 @@ BudgetSpec = int | float | str
 
 
 def parse_budget(spec: BudgetSpec) -> int | float:
-    """Validate a budget: returns an int (bytes) or a float fraction in (0, 1].
+    """Validate a budget: returns an int (bytes) or a float fraction in (0, 1] of all expert bytes.
 
-    Raises ValueError with the accepted forms when the spec cannot be read.
+    The grammar, the same for the library and the CLI:
+
+    * an ``int`` is bytes (``268435456``);
+    * a ``float`` is a fraction in (0, 1] (``0.25``; ``1.0`` means all experts);
+    * a string with a unit is a size (``"512MB"``, ``"2.5GiB"``) and must come to whole bytes;
+    * a string percentage is a fraction (``"25%"``);
+    * a bare number string is a fraction when written ``"0.x"``, ``"1.0"`` or ``"1"``, else whole bytes
+      (``"268435456"``); ``"2.5"`` is neither and is refused.
+
+    Raises ValueError naming the accepted forms when the spec cannot be read.
     """
-    forms = "bytes (268435456), a size with a unit ('512MB', '2GiB') or a fraction of expert bytes (0.25)"
+    forms = (
+        "bytes as an integer (268435456), a size with a unit ('512MB', '2GiB'), a fraction of all expert "
+        "bytes written 0.x or 1.0 (0.25, '0.25', '1.0'), or a percentage ('25%')"
+    )
     if isinstance(spec, bool):
         raise ValueError(f"budget {spec!r} is not valid; give {forms}")
     if isinstance(spec, int):
@@ -38,21 +52,34 @@ def parse_budget(spec: BudgetSpec) -> int | float:
             raise ValueError(f"budget {spec} must be positive; give {forms}")
         return spec
     if isinstance(spec, float):
-        if not 0.0 < spec <= 1.0:
-            raise ValueError(f"budget fraction {spec} must be in (0, 1]; give {forms}")
+        if not 0.0 < spec <= 1.0:  # also refuses nan
+            raise ValueError(f"budget fraction {spec} must be in (0, 1] (1.0 = all experts); give {forms}")
         return spec
     if isinstance(spec, str):
         s = spec.strip().lower().replace(" ", "").replace("_", "")
-        m = re.fullmatch(r"([0-9]*\.?[0-9]+(?:e[0-9]+)?)([a-z%]*)", s)
-        if m:
-            num, unit = float(m.group(1)), m.group(2)
-            if unit == "%":
-                return parse_budget(num / 100.0)
-            if unit == "" and "." in m.group(1) and num <= 1.0:
-                return parse_budget(num)
-            if unit in _UNITS and num > 0:
-                return int(num * _UNITS[unit])
-        raise ValueError(f"budget {spec!r} is not valid; give {forms}")
+        m = re.fullmatch(r"([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)([a-z%]*)", s)
+        if m is None or m.group(2) not in (*_UNITS, "%"):
+            raise ValueError(f"budget {spec!r} is not valid; give {forms}")
+        text, unit = m.group(1), m.group(2)
+        num = Decimal(text)  # exact: "0.3GB" is 300000000 bytes, not 299999999
+        if unit == "%":
+            if not 0 < num <= 100:
+                raise ValueError(f"budget {spec!r} must be a percentage in (0, 100]; give {forms}")
+            return float(num) / 100.0
+        if unit == "" and ("." in text or num == 1):
+            if 0 < num <= 1:
+                return float(num)  # "0.25", "1.0", "1": a fraction of all expert bytes
+            if "." in text:  # "2.5" or "2.0": bytes are written without a point
+                raise ValueError(
+                    f"budget {spec!r} is neither a fraction nor bytes: fractions need a leading '0.' or to be "
+                    f"'1.0', and bytes must be whole; give {forms}"
+                )
+        n_bytes = num * _UNITS[unit]
+        if n_bytes != n_bytes.to_integral_value():
+            raise ValueError(f"budget {spec!r} is {n_bytes} bytes: bytes must be whole; give {forms}")
+        if n_bytes <= 0:
+            raise ValueError(f"budget {spec!r} must be positive; give {forms}")
+        return int(n_bytes)
     raise ValueError(f"budget {spec!r} of type {type(spec).__name__} is not valid; give {forms}")
 
 

@@ -1,6 +1,8 @@
 """``from_pretrained``: build a transformers MoE model whose routed experts live in the engine.
 
-Steps: validate the path and config; pick the architecture adapter by ``config.model_type``; index
+Steps: check the transformers-style arguments (dtype/torch_dtype, device_map, trust_remote_code);
+resolve the path (a local directory, or a Hub ID "org/name" fetched or found in the Hub cache);
+validate it and the config; pick the architecture adapter by ``config.model_type``; index
 the safetensors files (headers only; truncated/corrupt files fail here); build the model with
 parameters on the meta device (``accelerate.init_empty_weights``); replace every MoE block's experts
 module with ``OffloadedExperts`` on this instance; load the non-expert tensors one by one, renamed
@@ -18,8 +20,10 @@ Example::
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -32,6 +36,12 @@ from moe_engine.runtime.cache import ExpertCache
 from moe_engine.runtime.config import EngineConfig, format_bytes, parse_budget, resolve_budget
 from moe_engine.runtime.cuda_mover import CudaMover
 from moe_engine.runtime.engine import Engine, MoELayerInfo, OffloadedExperts
+from moe_engine.runtime.export import (
+    check_dtype_device,
+    check_to_arguments,
+    expert_parameter_count,
+    save_checkpoint,
+)
 from moe_engine.runtime.host_tier import plan_host_tier
 from moe_engine.runtime.mover import Mover, ThreadMover
 from moe_engine.runtime.policies import make_policy, working_set_warning
@@ -62,6 +72,115 @@ def _resolve_device(device: str | torch.device | None) -> torch.device:
     if dev.type not in ("cpu", "cuda"):
         raise ValueError(f"device {device!r} is not supported; use 'cpu' or 'cuda'")
     return dev
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+# What moe-engine reads from a Hub repository: config, weights, index, tokenizer, generation config.
+_HUB_PATTERNS = [
+    "config.json", "*.safetensors", "*.safetensors.index.json", "generation_config.json",
+    "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab*", "merges.txt", "*.model",
+    "chat_template*",
+]  # fmt: skip
+_TRUTHY = {"1", "on", "yes", "true"}
+
+
+class BudgetClampedWarning(UserWarning):
+    """The budget asked for more bytes than all experts take; the engine uses what all experts take."""
+
+
+def _hub_offline() -> bool:
+    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE), read now rather than when huggingface_hub was imported."""
+    from huggingface_hub import constants
+
+    env = (os.environ.get(k, "").strip().lower() for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return any(v in _TRUTHY for v in env) or bool(constants.HF_HUB_OFFLINE)
+
+
+def _hub_cache_dir() -> Path | None:
+    """The Hub cache named by HF_HUB_CACHE or HF_HOME now (None: huggingface_hub's own default)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    return None
+
+
+def _resolve_path(path: str | os.PathLike, revision: str | None) -> Path:
+    """A local directory as given; a string that is not one but reads "org/name" is a Hugging Face Hub
+    ID, fetched (config, safetensors, index, tokenizer and generation config only) or, offline
+    (HF_HUB_OFFLINE=1), taken from the local Hub cache. Anything else is returned for ``_load_config``
+    to report."""
+    local = Path(path).expanduser()
+    if local.exists() or not isinstance(path, str) or _HUB_ID.fullmatch(path) is None:
+        return local
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
+
+    offline = _hub_offline()
+    at = f" at revision {revision!r}" if revision else ""
+    try:
+        folder = snapshot_download(
+            path, revision=revision, cache_dir=_hub_cache_dir(), allow_patterns=_HUB_PATTERNS,
+            local_files_only=offline,
+        )  # fmt: skip
+    except LocalEntryNotFoundError as e:
+        how = (
+            f"HF_HUB_OFFLINE=1 is set, so nothing is downloaded: download it first with "
+            f"`hf download {path}` (or huggingface_hub.snapshot_download({path!r})) while online, "
+            "then run offline again"
+            if offline
+            else f"it could not be downloaded either (no connection?): run `hf download {path}` where the "
+            "Hub is reachable, or pass a local checkpoint directory"
+        )
+        raise FileNotFoundError(
+            f"{path!r} is not a local directory, and the Hugging Face Hub model {path}{at} is not in the "
+            f"local cache ({_hub_cache_dir() or 'the default Hugging Face cache'}); {how}"
+        ) from e
+    except (HfHubHTTPError, HFValidationError) as e:
+        raise FileNotFoundError(
+            f"{path!r} is not a local directory, and the Hugging Face Hub could not provide model {path}{at}: "
+            f"{e}. Check the ID, the revision and your access (hf auth login), or pass a local directory"
+        ) from e
+    return Path(folder)
+
+
+def _check_transformers_args(device_map: Any, trust_remote_code: bool | None) -> None:
+    """Refuse the transformers arguments moe-engine cannot honour, saying what to use instead."""
+    if device_map is not None and device_map != _AUTO:
+        raise ValueError(
+            f"device_map={device_map!r} is not supported: moe-engine places experts itself (non-expert "
+            "weights on the compute device, experts in slots under the budget); pass device='cpu' or "
+            "device='cuda' instead, and leave device_map unset or 'auto'"
+        )
+    if trust_remote_code:
+        raise ValueError(
+            "trust_remote_code=True is not supported: moe-engine runs only MoE architectures built into "
+            "transformers (see moe_engine.runtime.adapters), never a checkpoint's own Python code; "
+            "drop trust_remote_code"
+        )
+
+
+def _resolve_dtype(dtype: torch.dtype | str | None, torch_dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """``dtype`` or its old transformers name ``torch_dtype`` as a torch.dtype; None or "auto": the
+    checkpoint's own (decided later from its config)."""
+    if dtype is not None and torch_dtype is not None and _as_dtype(dtype) != _as_dtype(torch_dtype):
+        raise ValueError(
+            f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree; torch_dtype is the old name of "
+            "dtype: pass only dtype"
+        )
+    return _as_dtype(dtype if dtype is not None else torch_dtype)
+
+
+def _as_dtype(value: torch.dtype | str | None) -> torch.dtype | None:
+    if value is None or value == _AUTO:
+        return None
+    if isinstance(value, torch.dtype):
+        return value
+    if isinstance(value, str):
+        found = getattr(torch, value.removeprefix("torch."), None)
+        if isinstance(found, torch.dtype):
+            return found
+    raise ValueError(f"dtype {value!r} is not a torch dtype; use e.g. torch.bfloat16, 'bfloat16' or 'auto'")
 
 
 def _load_config(path: Path):
@@ -180,13 +299,22 @@ def from_pretrained(
     io_threads: int = 2,
     host_tier: str = "auto",
     progress: bool = False,
+    torch_dtype: torch.dtype | str | None = None,
+    revision: str | None = None,
+    device_map: str | None = None,
+    trust_remote_code: bool = False,
+    **unknown: Any,
 ):
     """Load a Hugging Face MoE checkpoint with its routed experts offloaded under ``budget``.
 
     Args:
-        path: local checkpoint directory (config.json + safetensors, sharded or not).
-        budget: fast-tier bytes for experts: int bytes, a string ("2GiB", "512MB") or a fraction (0.25)
-            of all expert bytes. Must hold at least one expert.
+        path: local checkpoint directory (config.json + safetensors, sharded or not), or a Hugging Face
+            Hub ID ("org/name") that is not a local directory: fetched with ``huggingface_hub`` (config,
+            safetensors, index, tokenizer and generation config only), from the local cache when
+            HF_HUB_OFFLINE=1.
+        budget: fast-tier bytes for experts (``moe_engine.runtime.config.parse_budget``): int bytes, a
+            string ("2GiB", "512MB", "25%") or a fraction (0.25, "0.25", 1.0, "1.0") of all expert bytes.
+            Must hold at least one expert; more than all experts take is clamped, with a warning.
         policy: eviction policy (``moe_engine.runtime.policies.available_policies()``) or "none" (no cache).
         device: "cuda" (default when available) or "cpu".
         dtype: compute dtype (default: the checkpoint's ``config.dtype``, else float32).
@@ -204,6 +332,13 @@ def from_pretrained(
             safety margin, else the files with a warning), "pinned" (pin even inside the margin) or
             "disk" (stream from the files through small pinned staging buffers). See
             ``moe_engine.runtime.host_tier``.
+        torch_dtype: transformers' old name of ``dtype`` (giving both, different, is a ValueError).
+        revision: Hub branch, tag or commit for a Hub ID (default: "main"); ignored for local directories.
+        device_map: "auto" or None only (the engine places experts itself; choose the compute device
+            with ``device``).
+        trust_remote_code: False only; checkpoints with their own modelling code are refused.
+
+    Other keyword arguments raise TypeError listing the accepted ones.
 
     Returns:
         the transformers ``PreTrainedModel`` (forward and ``generate`` work), with ``model.engine``.
@@ -213,7 +348,14 @@ def from_pretrained(
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    path = Path(path)
+    if unknown:
+        accepted = [n for n in inspect.signature(from_pretrained).parameters if n != "unknown"]
+        raise TypeError(
+            f"from_pretrained() got unexpected keyword argument(s) {', '.join(sorted(unknown))}; "
+            f"it accepts: {', '.join(accepted)}"
+        )
+    _check_transformers_args(device_map, trust_remote_code)
+    dtype = _resolve_dtype(dtype, torch_dtype)
     if experts_implementation is not None:
         from moe_engine.runtime.kernels import available_kernels
 
@@ -238,16 +380,13 @@ def from_pretrained(
     if policy != "none":
         make_policy(policy, num_layers=1, num_experts=1, capacity=1)  # unknown names fail before any work
     dev = _resolve_device(device)
+    path = _resolve_path(path, revision)
     config = _load_config(path)
     adapter = get_adapter(config)
     store = CheckpointStore.open(path, page_cache=page_cache)
     try:
-        if isinstance(dtype, str):
-            dtype = getattr(torch, dtype)
         if dtype is None:
-            dtype = getattr(config, "dtype", None) or torch.float32
-            if isinstance(dtype, str):
-                dtype = getattr(torch, dtype)
+            dtype = _as_dtype(getattr(config, "dtype", None)) or torch.float32
         assert isinstance(dtype, torch.dtype)
         with init_empty_weights(include_buffers=False):
             extra = {} if experts_implementation is None else {"experts_implementation": experts_implementation}
@@ -283,6 +422,14 @@ def from_pretrained(
         expert_bytes = 3 * inter * hidden * dtype.itemsize
         total = expert_bytes * len(locations)
         budget_bytes = resolve_budget(cfg.budget, total)
+        if budget_bytes > total:
+            warnings.warn(
+                f"budget: requested {format_bytes(budget_bytes)} ({budget_bytes} bytes), all experts take "
+                f"{format_bytes(total)} ({total} bytes), using {format_bytes(total)} ({total} bytes)",
+                BudgetClampedWarning,
+                stacklevel=2,
+            )
+            budget_bytes = total
         if budget_bytes < expert_bytes:
             raise ValueError(
                 f"budget {format_bytes(budget_bytes)} ({budget_bytes} bytes) is smaller than one expert "
@@ -356,7 +503,14 @@ def _build_predictor(predictor: Any, model, adapter: Adapter):
 
 
 class OffloadedModelMixin:
-    """What an offloaded model adds to its transformers class: ``close()`` and the context manager."""
+    """What an offloaded model adds to its transformers class: ``close()`` and the context manager,
+    ``save_pretrained`` writing the experts too, ``num_parameters`` counting them, and dtype/device
+    changes refused (``moe_engine.runtime.export``).
+
+    ``state_dict()`` is transformers' own: it holds the non-expert tensors only (the routed experts
+    are not parameters of the module tree); ``moe_engine.runtime.export.read_layer_experts`` gives one
+    MoE layer's experts in the model's fused layout, and ``save_pretrained`` writes all of them.
+    """
 
     engine: Engine
 
@@ -370,6 +524,54 @@ class OffloadedModelMixin:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+    def save_pretrained(self, save_directory: str | os.PathLike, max_shard_size: int | str = "2GB", **kwargs) -> None:
+        """Write a complete checkpoint (non-expert weights, every routed expert read from the store,
+        config and generation config) that stock ``AutoModelForCausalLM.from_pretrained`` loads with
+        identical logits; shards of at most ``max_shard_size``. The folder appears only when complete.
+        Keyword arguments of transformers' ``save_pretrained`` other than ``max_shard_size`` are refused."""
+        if kwargs:
+            raise TypeError(
+                f"save_pretrained of an offloaded moe-engine model takes save_directory and max_shard_size only; "
+                f"got {', '.join(sorted(kwargs))}"
+            )
+        save_checkpoint(self, save_directory, max_shard_size)
+
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """transformers' count plus the routed experts held by the engine (they are frozen, so
+        ``only_trainable=True`` counts none of them, as for every other frozen parameter)."""
+        count = super().num_parameters(only_trainable=only_trainable, exclude_embeddings=exclude_embeddings)  # type: ignore[misc]
+        return count if only_trainable else count + expert_parameter_count(self)  # type: ignore[arg-type]
+
+    # dtype and device are fixed at load: the experts live in the engine's slots at that dtype/device.
+    def to(self, *args, **kwargs):
+        """A no-op when dtype and device are unchanged; any change raises ValueError (reload instead)."""
+        check_to_arguments(self, args, kwargs)
+        return self
+
+    def cuda(self, device: int | torch.device | None = None):
+        check_dtype_device(self, None, "cuda" if device is None else device)
+        return self
+
+    def cpu(self):
+        check_dtype_device(self, None, "cpu")
+        return self
+
+    def half(self):
+        check_dtype_device(self, torch.float16, None)
+        return self
+
+    def float(self):
+        check_dtype_device(self, torch.float32, None)
+        return self
+
+    def double(self):
+        check_dtype_device(self, torch.float64, None)
+        return self
+
+    def bfloat16(self):
+        check_dtype_device(self, torch.bfloat16, None)
+        return self
 
 
 _OFFLOADED_CLASSES: dict[type, type] = {}
