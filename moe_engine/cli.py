@@ -60,6 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         mod.add_arguments(p)
+        if not any("--threads" in a.option_strings for a in p._actions):
+            p.add_argument(
+                "--threads", type=int, default=None, metavar="N",
+                help="torch compute threads (default: half the physical cores; torch's own default of one "
+                "per core can slow a machine that other processes also use by 50x or more)",
+            )  # fmt: skip
+            p.set_defaults(_sets_threads=True)
         p.set_defaults(_run=mod.run)
     return parser
 
@@ -71,6 +78,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
+        if getattr(args, "_sets_threads", False):
+            from moe_engine.runtime.threads import set_threads
+
+            set_threads(args.threads)
         return int(args._run(args) or 0)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -74,7 +74,11 @@ def _load(run: SystemRun, model_path: str, offload_dir: Path, emit: Emit) -> Any
         "default": (DEFAULT_POLICY, "cross_layer_gate"),  # the engine as it ships: from_pretrained's defaults
         "ondemand": ("none", None),
     }[run.system]
+    import torch
+
+    # Every system runs with the same torch threads (the bench's --threads, else torch's default).
     return moe_engine.from_pretrained(model_path, budget=run.budget, policy=policy, device="cpu",
+                                      threads=torch.get_num_threads(),
                                       predictor=predictor, progress=True)
 
 
@@ -248,7 +252,8 @@ def _calibrate_child(model_path: str, threads: int) -> None:
 
     if threads:
         torch.set_num_threads(threads)
-    model = moe_engine.from_pretrained(model_path, budget=1.0, policy="lru", device="cpu")
+    model = moe_engine.from_pretrained(model_path, budget=1.0, policy="lru", device="cpu",
+                                       threads=torch.get_num_threads())
     ids = torch.arange(8, 24).unsqueeze(0)
     with torch.inference_mode():
         model(ids)

@@ -84,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
         prefetch_distance=args.prefetch_distance,
         page_cache=args.page_cache,
         progress=True,
+        threads=args.threads,
     )
     load_s = time.perf_counter() - t0
     try:

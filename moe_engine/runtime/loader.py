@@ -53,6 +53,7 @@ from moe_engine.runtime.store import (
     expert_location,
     fp8_block_size,
 )
+from moe_engine.runtime.threads import set_threads
 
 logger = logging.getLogger(__name__)
 
@@ -299,6 +300,7 @@ def from_pretrained(
     io_threads: int = 2,
     host_tier: str = "auto",
     progress: bool = False,
+    threads: int | None = None,
     torch_dtype: torch.dtype | str | None = None,
     revision: str | None = None,
     device_map: str | None = None,
@@ -327,6 +329,8 @@ def from_pretrained(
         prefetch_per_layer, prefetch_min_prob: at most this many prefetches per predicted layer and step,
             each with a predicted probability of at least this (``moe_engine.runtime.residency.PrefetchRule``).
         page_cache: let the OS page cache keep expert pages (off: the budget is the real bound).
+        threads: torch intra-op threads (a process-wide setting); default: half the physical cores
+            (``moe_engine.runtime.threads``: torch's default of one per core slows a shared machine badly).
         host_tier: on CUDA, where the experts that do not fit the budget wait: "auto" (nothing pinned
             when every expert fits the budget, else one pinned host arena when it fits in RAM with a
             safety margin, else the files with a warning), "pinned" (pin even inside the margin) or
@@ -356,6 +360,7 @@ def from_pretrained(
         )
     _check_transformers_args(device_map, trust_remote_code)
     dtype = _resolve_dtype(dtype, torch_dtype)
+    set_threads(threads)  # torch's intra-op threads (process-wide); default: half the physical cores
     if experts_implementation is not None:
         from moe_engine.runtime.kernels import available_kernels
 
