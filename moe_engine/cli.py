@@ -31,6 +31,13 @@ COMMANDS: tuple[str, ...] = (
 )
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line: ``error: <message> (see <prog> --help)``, exit status 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 class UserError(Exception):
     """Bad input from the user: printed as ``error: <message>`` with exit code 2, no traceback."""
 
@@ -47,11 +54,11 @@ def _available_commands() -> list:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="moe-engine",
         description="Run Mixture-of-Experts models with experts offloaded under a hard memory budget.",
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for mod in _available_commands():
         p = sub.add_parser(
             mod.NAME,

@@ -170,9 +170,14 @@ class PlacementPlan:
 def save_plan(plan: PlacementPlan, path: str | os.PathLike) -> None:
     """Write the plan as JSON atomically."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory; give a file path for the plan, e.g. {path / 'plan.json'}")
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(plan_json_text(plan))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(plan_json_text(plan))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def plan_json_text(plan: PlacementPlan) -> str:

@@ -23,6 +23,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -66,8 +67,8 @@ class PlannerConfig:
             raise ValueError(f"replicas must be >= 0, got {self.replicas}")
         if self.balance is not None and self.balance < 0:
             raise ValueError(f"balance eps must be >= 0, got {self.balance}")
-        if self.time_limit <= 0:
-            raise ValueError(f"time_limit must be positive, got {self.time_limit}")
+        if not math.isfinite(self.time_limit) or self.time_limit <= 0:
+            raise ValueError(f"time_limit must be a positive number of seconds, got {self.time_limit}")
         if self.ilp not in ("auto", "exact", "windows", "off"):
             raise ValueError(f"ilp must be auto, exact, windows or off, got {self.ilp!r}")
         if self.affinity_power is not None and not 0 < self.affinity_power <= 1:

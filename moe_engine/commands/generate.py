@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 NAME = "generate"
 HELP = "generate text from a MoE checkpoint with experts offloaded under a memory budget"
@@ -56,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     import time
 
     import torch
-    from transformers import AutoTokenizer, TextStreamer
+    from transformers import TextStreamer
 
     import moe_engine
     from moe_engine.runtime.config import format_bytes, parse_budget
@@ -71,8 +72,18 @@ def run(args: argparse.Namespace) -> int:
         prompt = args.prompt if args.prompt is not None else "Once upon a time"
     if args.max_new_tokens < 1:
         raise ValueError("--max-new-tokens must be at least 1")
+    if not args.temperature >= 0:  # also refuses nan
+        raise ValueError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+    if prompt is not None and not prompt.strip():
+        raise ValueError("--prompt is empty; give some text to continue")
     predictor = None if args.predictor in (None, "none", "") or args.policy == "none" else args.predictor
     torch.manual_seed(args.seed)
+    # A local checkpoint's tokenizer and context are checked before the model loads (no half-run on bad input).
+    tokenizer = _tokenizer(model_path) if (Path(model_path) / "config.json").is_file() else None
+    if tokenizer is not None:
+        from transformers import AutoConfig
+
+        _check_context(AutoConfig.from_pretrained(model_path), len(tokenizer(prompt)["input_ids"]), args.max_new_tokens)
     t0 = time.perf_counter()
     model = moe_engine.from_pretrained(
         model_path,
@@ -87,11 +98,14 @@ def run(args: argparse.Namespace) -> int:
         threads=args.threads,
     )
     load_s = time.perf_counter() - t0
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_path)
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"no usable tokenizer in {model_path} ({exc}); save one beside the model") from None
+    if tokenizer is None:  # a Hub ID, now in the local cache
+        tokenizer = _tokenizer(model_path)
     enc = tokenizer(prompt, return_tensors="pt").to(model.engine.device)
+    try:
+        _check_context(model.config, enc["input_ids"].shape[1], args.max_new_tokens)
+    except ValueError:
+        model.close()
+        raise
     streamer = TextStreamer(tokenizer, skip_prompt=False)
     gen_kwargs = dict(max_new_tokens=args.max_new_tokens, streamer=streamer, pad_token_id=tokenizer.eos_token_id)
     if args.temperature > 0:
@@ -123,3 +137,22 @@ def run(args: argparse.Namespace) -> int:
     )
     model.engine.close()
     return 0
+
+
+def _tokenizer(model_path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_path)
+    except (OSError, ValueError) as exc:
+        detail = " ".join(str(exc).split())  # one line
+        raise ValueError(f"no usable tokenizer in {model_path} ({detail}); save one beside the model") from None
+
+
+def _check_context(config, prompt_tokens: int, max_new_tokens: int) -> None:
+    context = getattr(config, "max_position_embeddings", None)
+    if context is not None and prompt_tokens + max_new_tokens > context:
+        raise ValueError(
+            f"--max-new-tokens {max_new_tokens} plus the prompt's {prompt_tokens} tokens exceed the model's "
+            f"context of {context} positions; use at most {max(context - prompt_tokens, 0)}"
+        )

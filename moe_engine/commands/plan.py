@@ -57,12 +57,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     import numpy as np
 
     from moe_engine.cli import UserError
     from moe_engine.offline.traces import concat_traces, load_trace
     from moe_engine.placement import PlannerConfig, evaluate_plan, plan_placement, round_robin_plan, save_plan
 
+    out = Path(args.out)
+    if out.is_dir():
+        raise UserError(f"--out {out} is a directory; give a file path, e.g. {out / 'plan.json'}")
+    if not out.parent.is_dir():
+        raise UserError(f"--out {out}: folder {out.parent} does not exist")
     if not 0 < args.train_fraction <= 1:
         raise UserError(f"--train-fraction must be in (0, 1], got {args.train_fraction}")
     traces = [load_trace(p) for p in args.trace]

@@ -67,7 +67,10 @@ _AUTO = "auto"
 def _resolve_device(device: str | torch.device | None) -> torch.device:
     if device is None or device == _AUTO:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {device!r} is not a device; use 'cpu' or 'cuda' (or 'cuda:N')") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} was requested but CUDA is not available; use device='cpu'")
     if dev.type not in ("cpu", "cuda"):
@@ -417,15 +420,8 @@ def from_pretrained(
             raise ValueError(f"experts of different shapes across layers are not supported: {sorted(shapes)}")
         (num_experts, inter, hidden) = shapes.pop()
 
-        _load_dense_weights(model, store, adapter, dev, progress)
-        model.to(dev)
-        locations = _expert_locations(
-            store, adapter, {i.decoder_layer: i.moe_index for i in layers}, num_experts, inter, hidden,
-            num_decoder_layers=getattr(config, "num_hidden_layers", None),
-        )  # fmt: skip
-
         expert_bytes = 3 * inter * hidden * dtype.itemsize
-        total = expert_bytes * len(locations)
+        total = expert_bytes * num_experts * len(layers)  # every routed expert (checked against the files below)
         budget_bytes = resolve_budget(cfg.budget, total)
         if budget_bytes > total:
             warnings.warn(
@@ -441,6 +437,13 @@ def from_pretrained(
                 f"({format_bytes(expert_bytes)}, {expert_bytes} bytes at {dtype}); give at least "
                 f"{expert_bytes} bytes or a fraction >= {expert_bytes / total:.4f} of all expert bytes"
             )
+        _load_dense_weights(model, store, adapter, dev, progress)
+        model.to(dev)
+        locations = _expert_locations(
+            store, adapter, {i.decoder_layer: i.moe_index for i in layers}, num_experts, inter, hidden,
+            num_decoder_layers=getattr(config, "num_hidden_layers", None),
+        )  # fmt: skip
+
         num_slots = min(budget_bytes // expert_bytes, len(locations))
         if policy != "none":
             msg = working_set_warning(num_slots, len(layers), max(info.top_k for info in layers))
