@@ -120,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
         )
     # The predictive policy's reuse weights, fitted on --train (with the predictor's scores).
     cfg = replace(cfg, policy_kwargs=fit_policy_kwargs(args.policy, train, trace.num_experts, pred, args.distance))
-    res = simulate(trace, cfg, predictor=pred, with_belady=not args.no_belady)
+    res = simulate(trace, cfg, predictor=pred, with_belady=not args.no_belady, progress=sys.stderr.isatty())
     if args.json:
         out = res.to_dict()
         out["trace"] = args.trace

@@ -44,6 +44,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from moe_engine.offline.traces import RoutingTrace
 from moe_engine.runtime.policies import EvictionPolicy, ExpertKey, fit_reuse_weights, make_policy
@@ -343,10 +344,12 @@ def simulate(
     policy: EvictionPolicy | None = None,
     with_belady: bool = True,
     log: list[tuple[str, ExpertKey]] | None = None,
+    progress: bool = False,
 ) -> SimResult:
     """Replay ``trace`` in decode order through the residency core; see the module docstring.
 
     ``log``: when a list, the core appends every decision to it (the runtime equivalence test).
+    ``progress``: a progress bar over tokens on stderr.
     """
     t0 = time.perf_counter()
     ids = np.asarray(trace.expert_ids, dtype=np.int64)
@@ -408,7 +411,7 @@ def simulate(
         return ranked
 
     all_ids = ids.tolist()
-    for t in range(T):
+    for t in tqdm(range(T), desc="simulating", unit="token", disable=not progress, mininterval=1.0):
         for layer in range(L):
             row = all_ids[t][layer]
             if not clocks:  # nothing to time: the core's generator-free path (same decisions)
