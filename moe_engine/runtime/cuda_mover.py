@@ -38,7 +38,6 @@ Example::
 
 from __future__ import annotations
 
-import itertools
 import queue
 import threading
 import time
@@ -48,12 +47,10 @@ from concurrent.futures import wait as wait_futures
 import torch
 
 from moe_engine.runtime.host_tier import HostTierPlan, PinnedArena
-from moe_engine.runtime.mover import Mover, MoverClosedError, Ticket, _Job, wait_job
+from moe_engine.runtime.mover import JobQueue, Mover, MoverClosedError, Ticket, _Job, wait_job
 from moe_engine.runtime.store import CheckpointStore, ExpertLocation
 
 ExpertKey = tuple[int, int]
-
-_DEMAND, _PREFETCH, _STOP = 0, 1, 2
 
 
 class _Copier:
@@ -132,7 +129,7 @@ class _StagedTicket(Ticket):
         t0 = time.perf_counter()
         if not fut.done():
             if not self.job.started:  # a prefetch still queued is now demanded: move it to the front
-                self.mover._put(_DEMAND, self.job)
+                self.mover._put(JobQueue.DEMAND, self.job)
         event = wait_job(fut, self.mover)  # re-raises the read's error (no event was recorded for it)
         _wait_event(event, self.mover.device)
         return time.perf_counter() - t0
@@ -185,8 +182,7 @@ class CudaMover(Mover):
         self.arena: PinnedArena | None = None
         self.staging: PinnedArena | None = None
         self._index: dict[ExpertKey, int] = {}
-        self._queue: queue.PriorityQueue = queue.PriorityQueue()
-        self._order = itertools.count()
+        self._jobs = JobQueue()
         self._threads: list[threading.Thread] = []
         if self.mode == "pinned":
             self._index = {key: i for i, (key, _) in enumerate(locations)}
@@ -199,7 +195,7 @@ class CudaMover(Mover):
             for i in range(io_threads):
                 t = threading.Thread(
                     target=_disk_worker,
-                    args=(self._queue, store, self._copier, self.staging, (2 * i, 2 * i + 1)),
+                    args=(self._jobs.queue, store, self._copier, self.staging, (2 * i, 2 * i + 1)),
                     name=f"moe-cuda-io-{i}",
                     daemon=True,
                 )
@@ -212,7 +208,7 @@ class CudaMover(Mover):
         return sum(a.registered_bytes for a in (self.arena, self.staging) if a is not None)
 
     def _put(self, priority: int, job: _Job | None) -> None:
-        self._queue.put((priority, next(self._order), job))
+        self._jobs.put(priority, job)
 
     def release(self, slot_index: int) -> None:
         ev = torch.cuda.Event()
@@ -244,26 +240,14 @@ class CudaMover(Mover):
         if after is not None and after.cancel():
             after = None  # the slot's previous copy will never write: nothing to order after
         job = _Job(loc, slot, after, slot_index)
-        self._put(_PREFETCH if prefetch else _DEMAND, job)
+        self._put(JobQueue.PREFETCH if prefetch else JobQueue.DEMAND, job)
         return _StagedTicket(job, self)
 
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
-        pending = []
-        while True:  # cancel what is still queued, then wake every reader with a stop marker
-            try:
-                pending.append(self._queue.get_nowait())
-            except queue.Empty:
-                break
-        for _, _, job in pending:
-            if job is not None:
-                job.cancel()
-        for _ in self._threads:
-            self._put(_STOP, None)
-        for t in self._threads:
-            t.join(timeout=30)  # a read in progress finishes first (bounded by one expert's bytes)
+        self._jobs.shutdown(self._threads)  # cancel what is queued, stop and join the readers
         self._threads = []
         # Copies still in flight read from the arena / staging buffers, which are unpinned and freed next.
         self._copier.stream.synchronize()

@@ -271,7 +271,7 @@ class OffloadedExperts(nn.Module):
                 f"down [E, H, I] weights, no biases and the default gate; this class differs "
                 f"({', '.join(unsupported) or 'custom _apply_gate'})"
             )
-        n_exp, two_i, hidden = stock.gate_up_proj.shape
+        n_exp, two_i, hidden = tuple(stock.gate_up_proj.shape)  # type: ignore[arg-type]
         implementation = getattr(getattr(stock, "config", None), "_experts_implementation", None)
         return cls(moe_index, n_exp, two_i // 2, hidden, stock.act_fn, implementation)
 

@@ -21,6 +21,7 @@ import signal
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 _main = threading.main_thread()
 _depth = 0  # deferred blocks open on the main thread (tests that inject interrupts honour it)
@@ -45,7 +46,7 @@ def deferred_interrupts() -> Iterator[None]:
         yield
         return
     global _depth
-    received: list[tuple[int, object]] = []
+    received: list[tuple[int, Any]] = []
     signal.signal(signal.SIGINT, lambda signum, frame: received.append((signum, frame)))
     _depth += 1
     try:

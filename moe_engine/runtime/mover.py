@@ -31,6 +31,7 @@ from abc import ABC, abstractmethod
 from concurrent.futures import CancelledError, Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures import wait as wait_futures
+from typing import Any
 
 import torch
 
@@ -116,7 +117,7 @@ class _Job:
         self.loc = self.slot = self.after = None  # type: ignore[assignment]  # free the slot view
 
 
-def wait_job(fut: Future, mover) -> object:
+def wait_job(fut: Future, mover) -> Any:
     """``fut.result()``, but a close() of ``mover`` from elsewhere ends the wait with ``MoverClosedError``
     instead of blocking forever (polls twice a second; a finished result returns at once)."""
     while True:
@@ -143,10 +144,41 @@ class _JobTicket(Ticket):
             fut.result()  # re-raise a read error here, in the compute thread
             return 0.0
         if not self.job.started:  # a prefetch still queued is now demanded: move it to the front
-            self.mover._put(0, self.job)
+            self.mover._put(JobQueue.DEMAND, self.job)
         t0 = time.perf_counter()
         wait_job(fut, self.mover)
         return time.perf_counter() - t0
+
+
+class JobQueue:
+    """Reads waiting for an I/O thread, shared by ``ThreadMover`` and ``CudaMover``'s disk mode: demand
+    reads (``DEMAND``) before prefetches (``PREFETCH``), first in first out within a priority; stop
+    markers (``STOP``) after everything else."""
+
+    DEMAND, PREFETCH, STOP = 0, 1, 2
+
+    def __init__(self) -> None:
+        self.queue: queue.PriorityQueue = queue.PriorityQueue()  # the workers ``get`` from it
+        self._order = itertools.count()
+
+    def put(self, priority: int, job: _Job | None) -> None:
+        self.queue.put((priority, next(self._order), job))
+
+    def shutdown(self, threads: list[threading.Thread]) -> None:
+        """Cancel every job still queued, wake each worker with a stop marker and join it."""
+        pending = []
+        while True:
+            try:
+                pending.append(self.queue.get_nowait())
+            except queue.Empty:
+                break
+        for _, _, job in pending:
+            if job is not None:
+                job.cancel()
+        for _ in threads:
+            self.put(JobQueue.STOP, None)
+        for t in threads:
+            t.join(timeout=30)  # a read in progress finishes first (bounded by one expert's bytes)
 
 
 class ThreadMover(Mover):
@@ -159,17 +191,16 @@ class ThreadMover(Mover):
     def __init__(self, store: CheckpointStore, io_threads: int = 2) -> None:
         self.store = store
         self.closed = False
-        self._queue: queue.PriorityQueue = queue.PriorityQueue()
-        self._order = itertools.count()
+        self._jobs = JobQueue()
         self._threads = [
-            threading.Thread(target=_worker, args=(self._queue, store), name=f"moe-io-{i}", daemon=True)
+            threading.Thread(target=_worker, args=(self._jobs.queue, store), name=f"moe-io-{i}", daemon=True)
             for i in range(io_threads)
         ]
         for t in self._threads:
             t.start()
 
     def _put(self, priority: int, job: _Job | None) -> None:
-        self._queue.put((priority, next(self._order), job))
+        self._jobs.put(priority, job)
 
     def submit(
         self,
@@ -185,27 +216,14 @@ class ThreadMover(Mover):
         if after is not None and after.cancel():
             after = None  # the slot's previous copy will never write: no need to wait for it
         job = _Job(loc, slot, after)
-        self._put(1 if prefetch else 0, job)
+        self._put(JobQueue.PREFETCH if prefetch else JobQueue.DEMAND, job)
         return _JobTicket(job, self)
 
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
-        # Cancel what is still queued, then wake every worker with a stop marker.
-        pending = []
-        while True:
-            try:
-                pending.append(self._queue.get_nowait())
-            except queue.Empty:
-                break
-        for _, _, job in pending:
-            if job is not None:
-                job.cancel()
-        for _ in self._threads:
-            self._put(2, None)
-        for t in self._threads:
-            t.join(timeout=30)  # a read in progress finishes first (bounded by one expert's bytes)
+        self._jobs.shutdown(self._threads)
         self._threads = []
 
 

@@ -45,7 +45,7 @@ Example::
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -319,7 +319,7 @@ class Residency:
 
     def layer_schedule(
         self, layer: int, experts: Sequence[int], ready: Callable[[ExpertKey], bool]
-    ) -> Iterator[Load | Predict | Compute]:
+    ) -> Generator[Load | Predict | Compute, None, None]:
         """Run MoE layer ``layer`` needing ``experts``; see the module docstring for the steps.
 
         ``ready(key)`` tells whether a LOADING key's copy has finished (the runtime polls its ticket;
