@@ -22,10 +22,13 @@ from collections.abc import Sequence
 # Module names under moe_engine.commands, in the order --help lists them.
 COMMANDS: tuple[str, ...] = (
     "generate",
+    "serve",
     "bench",
+    "quantize",
     "trace",
     "plan",
     "plan_eval",
+    "project",
     "eval_predictors",
     "simulate",
 )
