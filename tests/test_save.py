@@ -48,6 +48,40 @@ def test_save_pretrained_round_trip_through_stock(arch, tiny_checkpoint, tmp_pat
         assert sorted(a.keys()) == sorted(b.keys())
 
 
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_state_dict_has_every_stock_key_experts_read_lazily(arch, tiny_checkpoint):
+    src = tiny_checkpoint(arch)
+    stock = _stock(src)
+    want = stock.state_dict()
+    with _load(src, budget=0.1) as model:
+        sd = model.state_dict()
+        assert list(sd) == list(want)  # same keys, same order
+        assert len(sd) == len(want) and "model.embed_tokens.weight" in sd and "nope" not in sd
+        with pytest.raises(KeyError):
+            sd["nope"]
+        expert_keys = [k for k in want if ".experts." in k]
+        assert expert_keys and all(k in sd for k in expert_keys)
+        for key, value in want.items():
+            assert torch.equal(sd[key], value), key
+        # The experts are fresh tensors: changing one changes neither the engine nor a later read.
+        sd[expert_keys[0]].zero_()
+        fresh = model.state_dict()[expert_keys[0]]
+        assert torch.equal(fresh, want[expert_keys[0]])
+        # A stock model with zeroed experts loads it and gives the original logits again.
+        other = _stock(src)
+        with torch.no_grad():
+            for k in expert_keys:
+                other.state_dict()[k].zero_()
+        other.load_state_dict(model.state_dict())
+        ids = _ids()
+        with torch.no_grad():
+            assert torch.equal(other(ids).logits, stock(ids).logits)
+        # torch's recursive form (destination/prefix) stays torch's: non-expert tensors only.
+        assert not any(".experts." in k for k in model.state_dict(prefix=""))
+    with pytest.raises(moe_engine.ModelClosedError, match="closed"):
+        sd[expert_keys[0]]
+
+
 def test_sharded_save_and_overwrite(tiny_checkpoint, tmp_path):
     src = tiny_checkpoint("mixtral")
     out = tmp_path / "saved"

@@ -33,14 +33,14 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from moe_engine.runtime.engine import Engine, OffloadedExperts
+from moe_engine.runtime.engine import Engine, ModelClosedError, OffloadedExperts
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}  # fmt: skip
@@ -89,6 +89,64 @@ def read_layer_experts(engine: Engine, module: OffloadedExperts, dtype: torch.dt
     return {"gate_up_proj": gate_up, "down_proj": down}
 
 
+def dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """transformers' own state dict of the model: the non-expert tensors only (experts are not parameters)."""
+    return nn.Module.state_dict(model)
+
+
+class OffloadedStateDict(Mapping):
+    """``state_dict()`` of an offloaded model: every key of the stock model's state dict, in its order.
+
+    Non-expert tensors are the model's own (as ``nn.Module.state_dict`` gives them); each MoE layer's
+    ``...experts.gate_up_proj [E, 2I, H]`` and ``...experts.down_proj [E, H, I]`` are read from the store
+    when their key is looked up (CPU tensors at the model's dtype, fresh copies the engine never writes
+    to), so holding the mapping costs nothing and iterating it holds one MoE layer at a time.
+    ``dict(model.state_dict())`` materialises everything; stock ``load_state_dict`` accepts either.
+    """
+
+    def __init__(self, model: nn.Module, dense: dict[str, torch.Tensor]) -> None:
+        self._engine: Engine = model.engine  # type: ignore[assignment]
+        self._dtype: torch.dtype = model.dtype  # type: ignore[assignment]
+        self._experts: dict[str, tuple[OffloadedExperts, str]] = {}
+        order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+        keyed: list[tuple[int, int, str]] = []
+        for n, key in enumerate(dense):
+            keyed.append((order.get(key.rpartition(".")[0], len(order)), n, key))
+        for name, module in offloaded_experts(model):
+            for j, part in enumerate(("gate_up_proj", "down_proj")):
+                key = f"{name}.{part}"
+                self._experts[key] = (module, part)
+                keyed.append((order[name], j, key))
+        self._dense = dense
+        self._keys = [k for _, _, k in sorted(keyed)]
+        self._last: tuple[int, dict[str, torch.Tensor]] | None = None  # the last MoE layer read
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key in self._dense:
+            return self._dense[key]
+        module, part = self._experts[key]  # KeyError for an unknown key, as a dict
+        if self._engine.closed:
+            raise ModelClosedError(
+                f"cannot read {key}: the model was closed (close() or the end of its `with` block); "
+                "load it again with moe_engine.from_pretrained to read its experts"
+            )
+        last = self._last
+        if last is None or last[0] != module.moe_index:
+            with self._engine.lock:
+                layer = read_layer_experts(self._engine, module, self._dtype)
+            last = self._last = (module.moe_index, layer)
+        return last[1][part]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._dense or key in self._experts
+
+
 def _checkpoint_tensors(model: Any) -> Iterator[dict[str, torch.Tensor]]:
     """The model's tensors in the checkpoint layout, in groups: the non-expert ones first, then one
     group per MoE layer (read from the store only when the group is asked for)."""
@@ -96,7 +154,7 @@ def _checkpoint_tensors(model: Any) -> Iterator[dict[str, torch.Tensor]]:
     from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
     engine: Engine = model.engine
-    dense = remove_tied_weights_from_state_dict(model.state_dict(), model)
+    dense = remove_tied_weights_from_state_dict(dense_state_dict(model), model)
     yield revert_weight_conversion(model, {k: v.detach().cpu() for k, v in dense.items()})
     for name, module in offloaded_experts(model):
         layer = read_layer_experts(engine, module, model.dtype)
@@ -229,6 +287,8 @@ def check_dtype_device(model: Any, dtype: torch.dtype | None, device: torch.devi
 __all__ = [
     "check_dtype_device",
     "check_to_arguments",
+    "dense_state_dict",
+    "OffloadedStateDict",
     "expert_parameter_count",
     "offloaded_experts",
     "parse_shard_size",

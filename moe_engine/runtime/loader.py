@@ -37,6 +37,7 @@ from moe_engine.runtime.config import EngineConfig, format_bytes, parse_budget, 
 from moe_engine.runtime.cuda_mover import CudaMover
 from moe_engine.runtime.engine import Engine, MoELayerInfo, OffloadedExperts
 from moe_engine.runtime.export import (
+    OffloadedStateDict,
     check_dtype_device,
     check_to_arguments,
     expert_parameter_count,
@@ -515,9 +516,10 @@ class OffloadedModelMixin:
     ``save_pretrained`` writing the experts too, ``num_parameters`` counting them, and dtype/device
     changes refused (``moe_engine.runtime.export``).
 
-    ``state_dict()`` is transformers' own: it holds the non-expert tensors only (the routed experts
-    are not parameters of the module tree); ``moe_engine.runtime.export.read_layer_experts`` gives one
-    MoE layer's experts in the model's fused layout, and ``save_pretrained`` writes all of them.
+    ``state_dict()`` has every key of the stock model's, in its order: the non-expert tensors, and each
+    MoE layer's fused experts read from the store only when their key is looked up
+    (``moe_engine.runtime.export.OffloadedStateDict``). ``parameters()`` stays transformers' own: the
+    routed experts are not parameters of the module tree (``num_parameters()`` counts them).
     """
 
     engine: Engine
@@ -544,6 +546,14 @@ class OffloadedModelMixin:
                 f"got {', '.join(sorted(kwargs))}"
             )
         save_checkpoint(self, save_directory, max_shard_size)
+
+    def state_dict(self, *args, **kwargs):  # type: ignore[override]
+        """The stock model's state dict, experts included lazily (``OffloadedStateDict``). With
+        ``destination``/``prefix``/``keep_vars`` (torch's recursive form) it is torch's, experts excluded."""
+        dense = super().state_dict(*args, **kwargs)  # type: ignore[misc]
+        if args or kwargs:
+            return dense
+        return OffloadedStateDict(self, dense)  # type: ignore[arg-type]
 
     def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
         """transformers' count plus the routed experts held by the engine (they are frozen, so
