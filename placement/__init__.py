@@ -26,6 +26,8 @@ from moe_engine.placement.plan import (
     load_plan,
     round_robin_plan,
     save_plan,
+    split_by_load,
+    token_devices,
 )
 from moe_engine.placement.planner import (
     PlannerConfig,
@@ -56,4 +58,6 @@ __all__ = [
     "round_robin_plan",
     "save_plan",
     "solve_ilp",
+    "split_by_load",
+    "token_devices",
 ]

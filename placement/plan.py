@@ -1,10 +1,11 @@
 """Placement plans: the ``moe-placement/1`` JSON format, its loader, and evaluation on any trace.
 
 A plan maps each (MoE layer, expert) to its primary device, and may add replicas of hot experts in spare
-slots. A token uses the copy on the device that holds most of its previous-layer experts (the copies
+slots. A token prefers the copy on the device that holds most of its previous-layer experts (the copies
 it used there); ties, and the first MoE layer, follow the expert's route table: ``route[g]`` is the
 copy for a token coming from device g (the device of its highest-weight expert at the previous layer;
-at the first MoE layer, the token's home device ``t % G``).
+at the first MoE layer, the token's home device ``t % G``). A replicated expert's tokens are then split
+across its copies by load (EPLB-style quotas, ``placement.balance``), keeping preferences within quotas.
 
 Format (JSON)::
 
@@ -36,6 +37,7 @@ from typing import Any
 
 import numpy as np
 from moe_engine.placement.affinity import validate_expert_ids
+from moe_engine.placement.balance import assign_to_quotas, fill_quotas
 from moe_engine.placement.search import round_robin
 from moe_engine.placement.topology import Topology
 
@@ -228,7 +230,15 @@ class PlanMetrics:
 
 
 def token_devices(plan: PlacementPlan, expert_ids: np.ndarray) -> np.ndarray:
-    """[T, L, K]: device of the copy each token's expert is served from (routes applied layer by layer)."""
+    """[T, L, K]: device of the copy each token's expert is served from (routes applied layer by layer).
+
+    The one route rule (runtime, ``evaluate_plan`` and the projection all use it). Without replicas:
+    the expert's device. With replicas, per layer: each (token, slot) prefers the copy holding most of
+    its previous-layer experts (the route table breaks ties; at the first MoE layer the route from the
+    token's home device ``t % G``); then a replicated expert's entries are split across its copies by
+    load (EPLB-style, ``placement.balance``): quotas even out the devices' loads, and entries keep
+    their preferred copy while its quota lasts. Deterministic: every rank computes the same split.
+    """
     validate_expert_ids(expert_ids, plan.num_experts)
     num_tokens, num_layers, _ = expert_ids.shape
     if num_layers != plan.num_layers:
@@ -243,17 +253,44 @@ def token_devices(plan: PlacementPlan, expert_ids: np.ndarray) -> np.ndarray:
     prev: np.ndarray | None = None
     for layer in range(num_layers):
         routed = table[layer, ids[:, layer], source[:, None]]  # [T, K] the route table's choice
-        if prev is not None and copies.shape[2] > 1:
-            cand = copies[layer, ids[:, layer]]  # [T, K, C]
-            # copies holding most of the token's previous-layer experts win; the route breaks ties
-            score = (cand[:, :, :, None] == prev[:, None, None, :]).sum(axis=3).astype(np.float64)
-            score += 0.5 * (cand == routed[:, :, None])
-            score[cand < 0] = -np.inf
-            routed = np.take_along_axis(cand, np.argmax(score, axis=2)[:, :, None], axis=2)[:, :, 0]
+        cand = copies[layer, ids[:, layer]]  # [T, K, C]
+        # copies holding most of the token's previous-layer experts win; the route breaks ties
+        score = 0.5 * (cand == routed[:, :, None])
+        if prev is not None:
+            score = score + (cand[:, :, :, None] == prev[:, None, None, :]).sum(axis=3)
+        score[cand < 0] = -np.inf
+        routed = np.take_along_axis(cand, np.argmax(score, axis=2)[:, :, None], axis=2)[:, :, 0]
+        reps = plan.replicas.get(layer)
+        if reps:
+            routed = _split_by_load(routed, ids[:, layer], score, reps, plan.num_devices)
         out[:, layer] = routed
         prev = routed
         source = routed[:, 0]  # slot 0: the highest-weight expert
     return out
+
+
+def _split_by_load(routed: np.ndarray, ids: np.ndarray, score: np.ndarray, reps: dict[int, Replica],
+                   num_devices: int) -> np.ndarray:
+    """One layer: re-serve replicated experts' entries by load quotas. routed/ids: [T, K]; score: [T, K, C]."""
+    replicated = np.isin(ids, np.fromiter(reps, dtype=np.int64))
+    base = np.bincount(routed[~replicated], minlength=num_devices)
+    masks = {e: ids == e for e in reps}
+    quotas = fill_quotas(base, {e: (np.asarray(rep.devices), int(masks[e].sum())) for e, rep in reps.items()})
+    out = routed.copy()
+    for e, rep in reps.items():
+        rows = np.nonzero(masks[e].ravel())[0]  # entries in token order
+        if not len(rows):
+            continue
+        ncopies = len(rep.devices)
+        choice = assign_to_quotas(score.reshape(-1, score.shape[2])[rows, :ncopies], quotas[e])
+        out.ravel()[rows] = np.asarray(rep.devices)[choice]
+    return out
+
+
+def split_by_load(plan: PlacementPlan, expert_ids: np.ndarray) -> np.ndarray:
+    """[T, L, K] device serving each (token, layer, slot) of ``expert_ids [T, L, K]``, hot experts' tokens
+    split across their replicas by load. The runtime's entry point; the same rule as ``token_devices``."""
+    return token_devices(plan, expert_ids)
 
 
 def evaluate_plan(plan: PlacementPlan, expert_ids: np.ndarray, topology: Topology | None = None) -> PlanMetrics:
