@@ -248,6 +248,42 @@ def ensure_checkpoint(path: str | os.PathLike = DEFAULT_LARGE_DIR, spec: Checkpo
     return final
 
 
+# Quantized systems of the bench: the format each one loads (a uniform copy of the benchmarked checkpoint).
+QUANTIZED_SYSTEMS = {"int8": "int8", "int4": "int4-g64"}
+QUANTIZED_ROOT = Path("~/.cache/moe-engine/bench/quantized")
+
+
+def _source_stamp(model_path: Path) -> dict:
+    files = sorted(p for p in model_path.iterdir() if p.suffix in (".safetensors", ".json"))
+    return {"source": str(model_path.resolve()), "files": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]}
+
+
+def ensure_quantized(model_path: str | os.PathLike, fmt: str, root: str | os.PathLike = QUANTIZED_ROOT,
+                     *, progress: bool = True) -> Path:
+    """A copy of ``model_path`` with every expert in ``fmt`` (``moe_engine.quant``), written once under
+    ``root`` (outside the source tree) and rewritten when the source's files change."""
+    import hashlib
+
+    from moe_engine.quant.checkpoint import open_source, uniform_formats, write_quantized_checkpoint
+
+    src = Path(model_path).expanduser()
+    stamp = _source_stamp(src)
+    digest = hashlib.sha1(json.dumps(stamp, sort_keys=True).encode()).hexdigest()[:12]
+    out = Path(root).expanduser() / f"{src.name}-{digest}-{fmt}"
+    if (out / "config.json").exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # two bench processes never write the same copy
+        if not (out / "config.json").exists():
+            if out.exists():
+                shutil.rmtree(out)
+            with open_source(src) as source:
+                write_quantized_checkpoint(source, out, uniform_formats(source, fmt),
+                                           allocation={"method": "uniform", "format": fmt}, progress=progress)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 

@@ -72,7 +72,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from moe_engine.bench.checkpoint import CheckpointSpec, ensure_checkpoint
+from moe_engine.bench.checkpoint import QUANTIZED_SYSTEMS, CheckpointSpec, ensure_checkpoint, ensure_quantized
 from moe_engine.bench.checks import acceptance_checks, decode_profile, median_run, ratio, reference_for
 from moe_engine.bench.memory_cap import CgroupBackend, detect_backend
 from moe_engine.bench.probes import (
@@ -84,7 +84,7 @@ from moe_engine.bench.probes import (
     proc_status,
     prompt_ids,
 )
-from moe_engine.bench.settings import BASELINES, UNCAPPED, BenchSettings, RunResult, SystemRun
+from moe_engine.bench.settings import BASELINES, QUANTIZED, UNCAPPED, BenchSettings, RunResult, SystemRun
 
 # The folder holding the ``moe_engine`` package, put on the children's PYTHONPATH.
 _REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -324,6 +324,10 @@ def run_benchmark(settings: BenchSettings, *, progress: bool = True) -> dict:
     sizes = checkpoint_bytes(settings.model_path)
     prompt = prompt_ids(settings.model_path, settings.prompt_tokens, settings.seed)
     runs = [SystemRun(name, float(budget)) for name, _, budget in (s.partition("@") for s in settings.systems)]
+    for system in dict.fromkeys(r.system for r in runs if r.system in QUANTIZED):
+        if progress:
+            print(f"[bench] {system}: quantizing a copy of the checkpoint (once; cached) ...", file=sys.stderr)
+        ensure_quantized(settings.model_path, QUANTIZED_SYSTEMS[system], progress=progress)
     cap, cap_info = memory_cap_plan(settings, sizes, runs, progress)
     read_rate = None
     if any(r.system == "prefetch" for r in runs):

@@ -37,7 +37,7 @@ from moe_engine.bench.probes import (
     sched_delta,
     thread_sched,
 )
-from moe_engine.bench.settings import BASELINES, SystemRun
+from moe_engine.bench.settings import BASELINES, QUANTIZED, SystemRun
 
 Emit = Callable[[dict], None]
 
@@ -68,6 +68,13 @@ def _load(run: SystemRun, model_path: str, offload_dir: Path, emit: Emit) -> Any
     import moe_engine
     from moe_engine.runtime.policies import DEFAULT_POLICY
 
+    if run.system in QUANTIZED:
+        from moe_engine.bench.checkpoint import QUANTIZED_SYSTEMS, ensure_quantized
+
+        stored = checkpoint_bytes(model_path).expert_bytes
+        path = ensure_quantized(model_path, QUANTIZED_SYSTEMS[run.system], progress=False)  # made by the runner
+        return moe_engine.from_pretrained(path, budget=int(run.budget * stored), policy=DEFAULT_POLICY,
+                                          device="cpu", threads=torch.get_num_threads(), progress=True)
     policy, predictor = {
         "lru": ("lru", None),
         "prefetch": ("lru", "cross_layer_gate"),

@@ -19,6 +19,10 @@ Systems (--systems):
   default     the engine as it ships: from_pretrained's default policy and cross-layer-gate prefetch
   prefetch    the engine, LRU cache + the cross-layer-gate predictor prefetching the next layer's experts
   ondemand    the engine with no cache (policy "none"): every expert is read when it is needed
+  int8, int4  the engine as it ships on a copy of the checkpoint with every expert quantized
+              (int8 per channel; int4 group 64), made once with moe_engine.quant under
+              ~/.cache/moe-engine/bench/quantized; lossy (see `moe-engine quantize` for the quality
+              cost). The budget stays a fraction of the stored expert bytes: the same memory cap
   accelerate  Hugging Face accelerate offloading, what a user would try first:
               from_pretrained(device_map="auto", max_memory={"cpu": M}, offload_folder=...),
               M = non-expert bytes + budget x expert bytes (the same memory the engine gets).

@@ -25,6 +25,7 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -33,6 +34,45 @@ from moe_engine.runtime.mover import Mover, MoverClosedError, Ticket
 from moe_engine.runtime.policies import ExpertKey
 from moe_engine.runtime.residency import LOADING, Compute, Load, Predict, Residency
 from moe_engine.runtime.store import CheckpointError, ExpertLocation
+
+
+class DenseLayout:
+    """A slot of a plain expert: ``gate_up [2I, H]`` then ``down [H, I]`` at the compute dtype."""
+
+    def __init__(self, intermediate: int, hidden: int, dtype: torch.dtype) -> None:
+        self.intermediate, self.hidden, self.dtype = intermediate, hidden, dtype
+        self.numel = 3 * intermediate * hidden
+
+    def views(self, buf: torch.Tensor, key: ExpertKey) -> tuple[Any, Any]:
+        i, h = self.intermediate, self.hidden
+        return buf[: 2 * i * h].view(2 * i, h), buf[2 * i * h :].view(h, i)
+
+
+class PackedLayout:
+    """A slot of a quantized expert (``moe_engine.quant``): uint8 bytes, gate_up's packed form at 0 and
+    down's at ``down_offset(key)``; ``views`` unpacks them (views into the slot, no copy) as the key's
+    format. Slots are as large as the largest expert (``numel`` bytes)."""
+
+    dtype = torch.uint8
+
+    def __init__(self, intermediate: int, hidden: int, formats: Callable[[ExpertKey], str]) -> None:
+        from moe_engine.quant.slots import expert_packing
+
+        self.intermediate, self.hidden = intermediate, hidden
+        self.formats = formats
+        self._packing = expert_packing
+        self.numel = 0  # set by the loader: max packed bytes over the experts
+
+    def views(self, buf: torch.Tensor, key: ExpertKey) -> tuple[Any, Any]:
+        from moe_engine.quant.formats import unpack
+
+        fmt = self.formats(key)
+        i, h = self.intermediate, self.hidden
+        (gu_off, gu_bytes), (dn_off, dn_bytes) = self._packing(fmt, i, h)
+        return (
+            unpack(buf[gu_off : gu_off + gu_bytes], fmt, (2 * i, h)),
+            unpack(buf[dn_off : dn_off + dn_bytes], fmt, (h, i)),
+        )
 
 
 class ExpertReadError(OSError):
@@ -51,8 +91,11 @@ class ExpertCache:
         mover: Mover,
         locate: Callable[[ExpertKey], ExpertLocation],
         retries: int = 1,
+        layout: DenseLayout | PackedLayout | None = None,
     ) -> None:
-        self.slot_numel = 3 * intermediate * hidden
+        self.layout = layout if layout is not None else DenseLayout(intermediate, hidden, dtype)
+        dtype = self.layout.dtype
+        self.slot_numel = self.layout.numel
         self.expert_bytes = self.slot_numel * dtype.itemsize
         if core.expert_bytes != self.expert_bytes or core.num_slots * self.expert_bytes > core.budget_bytes:
             raise ValueError(
@@ -70,11 +113,10 @@ class ExpertCache:
         self.tickets: dict[int, tuple[ExpertKey, Ticket]] = {}
 
     # ------------------------------------------------------------------ helpers
-    def views(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(gate_up [2I, H], down [H, I]) views of a slot."""
-        i, h = self.intermediate, self.hidden
-        buf = self.slots[slot]
-        return buf[: 2 * i * h].view(2 * i, h), buf[2 * i * h :].view(h, i)
+    def views(self, slot: int, key: ExpertKey) -> tuple[Any, Any]:
+        """(gate_up [2I, H], down [H, I]) views of a slot holding ``key``: tensors, or for a quantized
+        model the ``moe_engine.quant.QTensor`` packed forms."""
+        return self.layout.views(self.slots[slot], key)
 
     def resident(self, key: ExpertKey) -> bool:
         return key in self.core
@@ -166,7 +208,7 @@ class ExpertCache:
                 else:
                     assert isinstance(step, Compute)
                     self._await(step)
-                    gate_up, down = self.views(step.slot)
+                    gate_up, down = self.views(step.slot, step.key)
                     try:
                         yield step.key[1], gate_up, down
                     finally:

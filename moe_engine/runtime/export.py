@@ -81,9 +81,21 @@ def read_layer_experts(engine: Engine, module: OffloadedExperts, dtype: torch.dt
     gate_up = torch.empty(n, 2 * i, h, dtype=dtype)
     down = torch.empty(n, h, i, dtype=dtype)
     flat = torch.empty(3 * i * h, dtype=dtype)
+    packed = None
     for e in range(n):
+        key = (module.moe_index, e)
+        loc = engine.cache.locate(key)
+        if loc.offsets is not None:  # a quantized checkpoint: its experts dequantized (moe_engine.quant)
+            from moe_engine.quant.formats import get_format
+
+            if packed is None:
+                packed = torch.empty(engine.cache.slot_numel, dtype=torch.uint8)
+            engine.store.read_expert_into(loc, packed)
+            for out, q in zip((gate_up[e], down[e]), engine.cache.layout.views(packed, key)):
+                out.copy_(get_format(q.format).dequantize(q, dtype))
+            continue
         # Slot order: gate_up [2I, H] then down [H, I] (ExpertCache.views).
-        engine.store.read_expert_into(engine.cache.locate((module.moe_index, e)), flat)
+        engine.store.read_expert_into(loc, flat)
         gate_up[e].copy_(flat[: 2 * i * h].view(2 * i, h))
         down[e].copy_(flat[2 * i * h :].view(h, i))
     return {"gate_up_proj": gate_up, "down_proj": down}

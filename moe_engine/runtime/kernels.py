@@ -198,6 +198,7 @@ class ExpertsKernel(ABC):
 class _EagerPlan(LayerPlan):
     def __init__(self, kernel: EagerKernel, hidden_states, top_k_index, top_k_weights, num_experts: int) -> None:
         self.act_fn = kernel.act_fn
+        self.linear = kernel.linear
         self.hidden_states = hidden_states
         self.top_k_weights = top_k_weights
         # As the stock forward: [E+1, K, T] one-hot, the hit experts ascending (E is the EP sentinel).
@@ -210,9 +211,9 @@ class _EagerPlan(LayerPlan):
     def compute(self, expert: int, gate_up: torch.Tensor, down: torch.Tensor) -> None:
         top_k_pos, token_idx = torch.where(self.mask[expert])
         current_state = self.hidden_states[token_idx]
-        gate, up = nn.functional.linear(current_state, gate_up).chunk(2, dim=-1)
+        gate, up = self.linear(current_state, gate_up).chunk(2, dim=-1)
         current = self.act_fn(gate) * up
-        current = nn.functional.linear(current, down)
+        current = self.linear(current, down)
         current = current * self.top_k_weights[token_idx, top_k_pos, None]
         self.outputs[expert] = (token_idx, current)
 
@@ -229,9 +230,25 @@ class EagerKernel(ExpertsKernel):
     """The fused experts classes' own forward (``experts_implementation="eager"``)."""
 
     name = "eager"
+    linear: Callable = staticmethod(nn.functional.linear)
 
     def plan(self, hidden_states, top_k_index, top_k_weights, num_experts) -> LayerPlan:
         return _EagerPlan(self, hidden_states, top_k_index, top_k_weights, num_experts)
+
+
+def _quantized_linear(x: torch.Tensor, q) -> torch.Tensor:
+    from moe_engine.quant import get_format
+
+    return get_format(q.format).linear(x, q)
+
+
+class QuantizedKernel(EagerKernel):
+    """Experts stored quantized (``moe_engine.quant``): the eager forward with each ``linear`` done by the
+    expert's format (its fastest kernel, equal to dequantize-then-matmul within the format's tolerance).
+    Lossy by construction: used only for checkpoints written by ``moe-engine quantize``."""
+
+    name = "quantized"
+    linear = staticmethod(_quantized_linear)
 
 
 # ------------------------------------------------------------------------------------------------ grouped_mm

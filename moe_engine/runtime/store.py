@@ -79,7 +79,7 @@ ACCEPTED_QUANTIZATION = (
     "moe-engine accepts unquantized checkpoints (fp32/bf16/fp16) and FP8 block-scaled ones in the "
     'DeepSeek-V3/R1 format (quantization_config {"quant_method": "fp8", "weight_block_size": [128, 128], '
     '"activation_scheme": "dynamic"} with a float32 <name>_scale_inv tensor per F8_E4M3 weight), which it '
-    "dequantizes to the compute dtype"
+    "dequantizes to the compute dtype, and checkpoints written by `moe-engine quantize`"
 )
 
 
@@ -117,9 +117,15 @@ class TensorLocation:
 
 @dataclass(frozen=True)
 class ExpertLocation:
-    """One routed expert's parts, in slot order (their concatenation is the slot's contents)."""
+    """One routed expert's parts, in slot order (their concatenation is the slot's contents).
+
+    ``offsets``: for a quantized expert (``moe_engine.quant``), the byte offset of each part inside a
+    uint8 slot; the parts' stored bytes are copied there as they are (no dtype conversion), giving the
+    packed form ``moe_engine.quant.unpack`` reads. None for a plain expert (parts back to back, converted
+    to the slot's dtype)."""
 
     parts: tuple[TensorLocation, ...]
+    offsets: tuple[int, ...] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -162,6 +168,8 @@ def fp8_block_size(quantization_config: Any) -> tuple[int, int] | None:
             )
     method = qc.get("quant_method")
     method = getattr(method, "value", method)  # transformers' QuantizationMethod enum
+    if method == "moe-engine":  # written by `moe-engine quantize`: the loader reads its formats
+        return None
     if method != "fp8":
         raise ValueError(
             f"the checkpoint is quantized with quant_method {method!r}, which moe-engine does not support; "
@@ -640,6 +648,9 @@ class CheckpointStore:
         differs from the slot's, parts go through a staging buffer and are converted; FP8 parts are
         dequantized with their block scales.
         """
+        if loc.offsets is not None:
+            self._read_packed_into(loc, slot)
+            return
         dests: list[tuple[TensorLocation, torch.Tensor]] = []
         offset = 0
         for part in loc.parts:
@@ -663,6 +674,27 @@ class CheckpointStore:
             for p, d in dests:
                 if p.scale is not None or p.dtype != slot.dtype or not d.is_contiguous():
                     d.copy_(self._read_value(p, slot.dtype).reshape(-1))
+
+    def _read_packed_into(self, loc: ExpertLocation, slot: torch.Tensor) -> None:
+        """A quantized expert: each part's stored bytes at its offset in the uint8 ``slot``."""
+        assert loc.offsets is not None
+        if slot.dtype != torch.uint8 or slot.dim() != 1 or not slot.is_contiguous():
+            raise ValueError(f"a quantized expert is read into a flat uint8 slot, got {slot.dtype} {tuple(slot.shape)}")
+        order = sorted(zip(loc.parts, loc.offsets), key=lambda po: (str(po[0].file), po[0].offset))
+        runs: list[list[tuple[TensorLocation, torch.Tensor]]] = []
+        for p, off in order:
+            if off + p.nbytes > slot.numel():
+                raise ValueError(f"quantized part of {p.nbytes} bytes at {off} overflows a {slot.numel()}-byte slot")
+            d = slot[off : off + p.nbytes]
+            last = runs[-1][-1][0] if runs else None
+            if last is not None and p.file == last.file and p.offset == last.offset + last.nbytes:
+                runs[-1].append((p, d))
+            else:
+                runs.append([(p, d)])
+        with self._reading(self._files_of(list(loc.parts))):
+            for run in runs:
+                views = [memoryview(d.numpy()) for _, d in run]  # type: ignore[arg-type]
+                self._pread_full(run[0][0].file, views, run[0][0].offset)
 
     def drop_page_cache(self) -> None:
         """Ask the OS to drop every checkpoint file's cached pages (benchmarks: a cold start)."""
