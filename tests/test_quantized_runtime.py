@@ -81,27 +81,89 @@ def test_uniform_int4_equals_stock_on_dequantized_experts(arch, tiny_checkpoint,
         assert stats.misses > 0
 
 
-def test_mixed_formats_slots_and_budget(tiny_checkpoint, tmp_path):
+def test_mixed_formats_entries_of_several_sizes_under_one_budget(tiny_checkpoint, tmp_path):
     src = tiny_checkpoint("qwen2_moe")
     out = tmp_path / "q"
     choices = ("int8", "int4-g32", "int2-g32", "fp32")
-    formats = _quantize(src, out, lambda layer, e: choices[(layer + e) % len(choices)])
+    _quantize(src, out, lambda layer, e: choices[(layer + e) % len(choices)])
     ref = _reference(src, out)
     ids = _ids()
     with torch.no_grad():
         want = ref(ids).logits
     with _load(out, 0.25) as model:
-        cache = model.engine.cache
-        # One slot holds the largest expert (fp32 here); budget counts slots of that size.
-        assert cache.slots.dtype == torch.uint8
-        assert cache.num_slots * cache.expert_bytes <= model.engine.budget_bytes
+        engine = model.engine
+        assert engine.cache.sized  # entries of several sizes: one byte budget, not a slot count
+        for _ in range(3):  # repeated: slot ids and buffers are reused across experts of other sizes
+            with torch.no_grad():
+                torch.testing.assert_close(model(ids).logits, want, rtol=1e-5, atol=1e-5)
+            st = engine.stats()
+            assert 0 < st.peak_resident_bytes <= engine.budget_bytes
+            assert engine.core.used_bytes == sum(e.nbytes for e in engine.core.entries.values())
+            held = sum(b.numel() for b in engine.cache.buffers if b is not None)
+            assert held == engine.core.used_bytes  # buffers of freed ids are dropped
+        # More entries fit than slots of the largest size would allow.
+        assert len(engine.core.entries) > engine.budget_bytes // engine.cache.expert_bytes
+
+
+def _with_copies(src, out, own="fp32", copy="int4-g32"):
+    with open_source(src) as s:
+        formats = [[own] * s.num_experts for _ in range(s.num_layers)]
+        copies = [[[copy] for _ in range(s.num_experts)] for _ in range(s.num_layers)]
+        write_quantized_checkpoint(s, out, formats, copies=copies)
+
+
+@pytest.mark.parametrize("quality", ["lossless", "balanced", "fast"])
+def test_quality_chooses_the_copy_per_load(quality, tiny_checkpoint, tmp_path):
+    src = tiny_checkpoint("mixtral")
+    out = tmp_path / "q"
+    _with_copies(src, out)
+    ids = _ids()
+    with torch.no_grad():
+        stock = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()(ids).logits
+    fast_ref = _reference_copy(src, out, "int4-g32")
+    with torch.no_grad():
+        fast_want = fast_ref(ids).logits
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = moe_engine.from_pretrained(out, budget=0.3, device="cpu", dtype=torch.float32, quality=quality)
+    with model, torch.no_grad():
+        got = model(ids).logits
+        st = model.engine.stats()
+    assert st.peak_resident_bytes <= model.engine.budget_bytes
+    if quality == "lossless":
+        torch.testing.assert_close(got, stock, rtol=1e-5, atol=1e-5)
+        assert st.reduced_loads == 0
+    elif quality == "fast":
+        torch.testing.assert_close(got, fast_want, rtol=1e-5, atol=1e-5)
+        assert st.reduced_loads == st.misses + st.prefetches > 0
+    else:
+        assert 0 < st.reduced_loads <= st.misses  # demand misses only; prefetches bring the own format
+
+
+def _reference_copy(src, out, fmt):
+    """Stock with every expert replaced by its dequantized ``fmt`` copy."""
+    stock = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    qc = read_quantization_config(out)
+    store = CheckpointStore.open(out)
+    try:
+        blocks = [m for n, m in stock.named_modules() if n.endswith(".experts") and hasattr(m, "gate_up_proj")]
         with torch.no_grad():
-            got = model(ids).logits
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-        # Repeated: residency reuses slots across experts of different formats.
-        with torch.no_grad():
-            torch.testing.assert_close(model(ids).logits, want, rtol=1e-5, atol=1e-5)
-        assert formats[0][0] == "int8"
+            for layer, block in enumerate(blocks):
+                for e in range(block.gate_up_proj.shape[0]):
+                    gu, dn = read_quantized_expert(store, qc, layer, e, fmt)
+                    block.gate_up_proj[e].copy_(get_format(fmt).dequantize(gu, torch.float32))
+                    block.down_proj[e].copy_(get_format(fmt).dequantize(dn, torch.float32))
+    finally:
+        store.close()
+    stock.set_experts_implementation("eager")
+    return stock
+
+
+def test_quality_needs_copies(tiny_checkpoint):
+    with pytest.raises(ValueError, match="lower-precision copies"):
+        moe_engine.from_pretrained(tiny_checkpoint("mixtral"), budget=0.5, device="cpu", quality="fast")
+    with pytest.raises(ValueError, match="quality must be one of"):
+        moe_engine.from_pretrained(tiny_checkpoint("mixtral"), budget=0.5, device="cpu", quality="turbo")
 
 
 def test_quantized_model_saves_its_dequantized_experts(tiny_checkpoint, tmp_path):
@@ -119,3 +181,50 @@ def test_quantized_model_saves_its_dequantized_experts(tiny_checkpoint, tmp_path
     ids = _ids()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, ref(ids).logits, rtol=0, atol=0)
+
+
+def _mixed_copies(src, out):
+    """fp32 experts with an int8 copy, except MoE layer 1 whose copy is int2 (a large error)."""
+    with open_source(src) as s:
+        formats = [["fp32"] * s.num_experts for _ in range(s.num_layers)]
+        copies = [[["int2-g32" if layer == 1 else "int8"] for _ in range(s.num_experts)] for layer in range(s.num_layers)]
+        write_quantized_checkpoint(s, out, formats, copies=copies)
+
+
+def test_guardrail_falls_back_for_the_layer_forced_above_the_bound(tiny_checkpoint, tmp_path):
+    src = tiny_checkpoint("mixtral")
+    out = tmp_path / "q"
+    _mixed_copies(src, out)
+    ids = _ids()[:1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # An unreachable bound first: the checks run and report, nothing falls back.
+        with moe_engine.from_pretrained(out, budget=0.3, device="cpu", dtype=torch.float32, quality="fast",
+                                        guardrail=1e6, guardrail_every=2) as model:
+            model.generate(ids, max_new_tokens=7, do_sample=False)
+            st = model.engine.stats()
+            assert st.guardrail_checks == 3 and st.guardrail_fallbacks == 0 and st.guardrail_max_kl > 0
+            errors = model.engine.guardrail.last_errors
+            assert max(errors, key=errors.get) == 1  # the int2 layer has the largest error
+        # A bound below the int2 layer's effect: layer 1 (and only layers as bad) goes back to full precision.
+        with moe_engine.from_pretrained(out, budget=0.3, device="cpu", dtype=torch.float32, quality="fast",
+                                        guardrail=1e-9, guardrail_every=2) as model:
+            out_ids = model.generate(ids, max_new_tokens=7, do_sample=False)
+            st = model.engine.stats()
+            guard = model.engine.guardrail
+            assert st.guardrail_fallbacks >= 1 and guard.fallback_layers[0] == 1
+            assert 1 in model.engine.sizing.force_full
+            assert all(e.variant == 0 for k, e in model.engine.core.entries.items() if k[0] == 1)
+            # After the fallback, layer 1 loads its own format: its next loads are not reduced.
+            before = st.per_layer[1].reduced_loads
+            model.engine.reset_stats()
+            with torch.no_grad():
+                model(out_ids)
+            assert model.engine.stats().per_layer[1].reduced_loads == 0 and before > 0
+
+
+def test_guardrail_arguments_are_checked(tiny_checkpoint):
+    with pytest.raises(ValueError, match="balanced' or 'fast"):
+        moe_engine.from_pretrained(tiny_checkpoint("mixtral"), budget=0.5, device="cpu", guardrail=0.1)
+    with pytest.raises(ValueError, match="KL bound"):
+        moe_engine.from_pretrained(tiny_checkpoint("mixtral"), budget=0.5, device="cpu", quality="fast", guardrail=0)

@@ -43,19 +43,20 @@ class DenseLayout:
         self.intermediate, self.hidden, self.dtype = intermediate, hidden, dtype
         self.numel = 3 * intermediate * hidden
 
-    def views(self, buf: torch.Tensor, key: ExpertKey) -> tuple[Any, Any]:
+    def views(self, buf: torch.Tensor, key: ExpertKey, variant: int = 0) -> tuple[Any, Any]:
         i, h = self.intermediate, self.hidden
         return buf[: 2 * i * h].view(2 * i, h), buf[2 * i * h :].view(h, i)
 
 
 class PackedLayout:
     """A slot of a quantized expert (``moe_engine.quant``): uint8 bytes, gate_up's packed form at 0 and
-    down's at ``down_offset(key)``; ``views`` unpacks them (views into the slot, no copy) as the key's
-    format. Slots are as large as the largest expert (``numel`` bytes)."""
+    down's after it (``moe_engine.quant.slots``); ``views`` unpacks them (views into the slot, no copy)
+    in the format of the resident copy: ``formats(key, variant)``. ``numel``: bytes of the largest copy
+    (the size of every slot when sizes are uniform)."""
 
     dtype = torch.uint8
 
-    def __init__(self, intermediate: int, hidden: int, formats: Callable[[ExpertKey], str]) -> None:
+    def __init__(self, intermediate: int, hidden: int, formats: Callable[[ExpertKey, int], str]) -> None:
         from moe_engine.quant.slots import expert_packing
 
         self.intermediate, self.hidden = intermediate, hidden
@@ -63,10 +64,15 @@ class PackedLayout:
         self._packing = expert_packing
         self.numel = 0  # set by the loader: max packed bytes over the experts
 
-    def views(self, buf: torch.Tensor, key: ExpertKey) -> tuple[Any, Any]:
+    def nbytes(self, key: ExpertKey, variant: int = 0) -> int:
+        from moe_engine.quant.slots import expert_slot_bytes
+
+        return expert_slot_bytes(self.formats(key, variant), self.intermediate, self.hidden)
+
+    def views(self, buf: torch.Tensor, key: ExpertKey, variant: int = 0) -> tuple[Any, Any]:
         from moe_engine.quant.formats import unpack
 
-        fmt = self.formats(key)
+        fmt = self.formats(key, variant)
         i, h = self.intermediate, self.hidden
         (gu_off, gu_bytes), (dn_off, dn_bytes) = self._packing(fmt, i, h)
         return (
@@ -92,19 +98,29 @@ class ExpertCache:
         locate: Callable[[ExpertKey], ExpertLocation],
         retries: int = 1,
         layout: DenseLayout | PackedLayout | None = None,
+        locate_variant: Callable[[ExpertKey, int], ExpertLocation] | None = None,
     ) -> None:
         self.layout = layout if layout is not None else DenseLayout(intermediate, hidden, dtype)
         dtype = self.layout.dtype
         self.slot_numel = self.layout.numel
         self.expert_bytes = self.slot_numel * dtype.itemsize
-        if core.expert_bytes != self.expert_bytes or core.num_slots * self.expert_bytes > core.budget_bytes:
+        self.sized = core.size_of is not None  # entries of several sizes: one buffer per slot id
+        if not self.sized and (core.expert_bytes != self.expert_bytes or core.num_slots * self.expert_bytes > core.budget_bytes):
             raise ValueError(
                 f"{core.num_slots} slots of {self.expert_bytes} bytes do not fit the budget {core.budget_bytes}"
             )
         self.core = core
         self.intermediate, self.hidden = intermediate, hidden
         self.num_slots = core.num_slots
-        self.slots = torch.empty(core.num_slots, self.slot_numel, dtype=dtype, device=device)
+        self.device = device
+        # Uniform sizes: one preallocated [num_slots, slot_numel] tensor. Several sizes: each slot id gets a
+        # buffer of its entry's size when a copy into it starts, dropped when the id is freed (the core
+        # keeps the sum of entry sizes within the budget; a copy still writing keeps its own reference).
+        self.slots = torch.empty(0 if self.sized else core.num_slots, self.slot_numel, dtype=dtype, device=device)
+        self.buffers: list[torch.Tensor | None] = [None] * core.num_slots if self.sized else []
+        if self.sized:
+            core.on_free = self._drop_buffer
+        self.locate_variant = locate_variant
         self.mover = mover
         self.locate = locate
         self.retries = retries  # a failed copy is read again this many times before the error is raised
@@ -116,7 +132,32 @@ class ExpertCache:
     def views(self, slot: int, key: ExpertKey) -> tuple[Any, Any]:
         """(gate_up [2I, H], down [H, I]) views of a slot holding ``key``: tensors, or for a quantized
         model the ``moe_engine.quant.QTensor`` packed forms."""
-        return self.layout.views(self.slots[slot], key)
+        if not self.sized:
+            return self.layout.views(self.slots[slot], key)
+        buf = self.buffers[slot]
+        assert buf is not None, f"slot {slot} of {key} has no buffer"
+        return self.layout.views(buf, key, self.core.variant_of(key))
+
+    def _drop_buffer(self, slot: int) -> None:
+        if slot < len(self.buffers):
+            self.buffers[slot] = None
+
+    def _slot_tensor(self, load: Load) -> torch.Tensor:
+        """The tensor a load copies into: the slot's row, or (several sizes) a buffer of the entry's size."""
+        if not self.sized:
+            return self.slots[load.slot]
+        entry = self.core.entries.get(load.key)
+        nbytes = entry.nbytes if entry is not None else self.slot_numel
+        numel = nbytes // self.layout.dtype.itemsize
+        buf = self.buffers[load.slot]
+        if buf is None or buf.numel() != numel:
+            buf = self.buffers[load.slot] = torch.empty(numel, dtype=self.layout.dtype, device=self.device)
+        return buf
+
+    def free_memory(self) -> None:
+        """Drop every slot (the model was closed)."""
+        self.slots = torch.empty(0, dtype=self.slots.dtype, device=self.slots.device)
+        self.buffers = [None] * len(self.buffers)
 
     def resident(self, key: ExpertKey) -> bool:
         return key in self.core
@@ -137,8 +178,10 @@ class ExpertCache:
     def _submit(self, load: Load) -> None:
         with deferred_interrupts():
             prev = self.tickets.get(load.slot)
+            variant = self.core.variant_of(load.key) if self.sized else 0
+            loc = self.locate(load.key) if variant == 0 or self.locate_variant is None else self.locate_variant(load.key, variant)
             ticket = self.mover.submit(
-                self.locate(load.key), self.slots[load.slot], load.slot, load.key, prefetch=load.prefetch,
+                loc, self._slot_tensor(load), load.slot, load.key, prefetch=load.prefetch,
                 after=None if prev is None else prev[1],
             )  # fmt: skip
             self.tickets[load.slot] = (load.key, ticket)

@@ -284,6 +284,8 @@ def _disk_worker(
                 # The previous copy out of this staging buffer must finish before the read overwrites it.
                 prev.synchronize()
             buf = staging.expert(buffers[b])
+            if buf.numel() != job.slot.numel():  # a smaller copy (entries of several sizes)
+                buf = buf[: job.slot.numel()]
             store.read_expert_into(job.loc, buf)
             after = job.after
             if isinstance(after, _StagedTicket) and not after.enqueued():

@@ -105,6 +105,10 @@ class Engine:
         self.prefetch_rule = PrefetchRule(per_layer=config.prefetch_per_layer, min_prob=config.prefetch_min_prob)
         self.lock = threading.RLock()
         self.closed = False
+        self.sizing = None  # moe_engine.runtime.quality.ExpertSizing when copies of several sizes exist
+        self.guardrail = None  # moe_engine.runtime.guardrail.Guardrail when installed
+        # During a guardrail reference pass: MoE layer -> relative error of the reduced copies' output.
+        self.reference: dict[int, float] | None = None
         self._history: torch.Tensor | None = None  # [T, L, K] experts chosen so far in this forward pass
         self._history_len = 0
         # Dropping the last reference to the engine (the model) stops its threads and closes its files;
@@ -126,9 +130,14 @@ class Engine:
         return self.core.predict_seconds
 
     def stats(self) -> EngineStats:
-        """A snapshot of the counters (the residency core owns them)."""
+        """A snapshot of the counters (the residency core owns them; the guardrail adds its own)."""
         with self.lock:
-            return self.core.stats()
+            st = self.core.stats()
+            if self.guardrail is not None:
+                st.guardrail_checks = self.guardrail.checks
+                st.guardrail_fallbacks = self.guardrail.fallbacks
+                st.guardrail_max_kl = self.guardrail.max_kl
+            return st
 
     def reset_stats(self) -> None:
         """Zero the counters (residency is kept; peak resident bytes restarts from the current residency)."""
@@ -144,7 +153,7 @@ class Engine:
                 return
             self.closed = True
             self._finalizer()  # mover.close() then store.close(); runs once
-            self.cache.slots = torch.empty(0, dtype=self.cache.slots.dtype, device=self.cache.slots.device)
+            self.cache.free_memory()
             self.cache.tickets.clear()
 
     # ------------------------------------------------------------------ prefetch
@@ -209,6 +218,8 @@ class Engine:
                 "`with torch.no_grad():` or `with torch.inference_mode():` (generate() already runs without "
                 "grad), and keep the loaded model's parameters frozen (from_pretrained sets requires_grad=False)"
             )
+        if self.reference is not None:
+            return self._reference_forward(layer, hidden_states, top_k_index, top_k_weights, kernel, num_experts)
         with torch.no_grad():
             plan = kernel.plan(hidden_states, top_k_index, top_k_weights, num_experts)
             # Prefetches for the next layers are issued once this layer's demand loads are queued.
@@ -220,6 +231,37 @@ class Engine:
             for e, gate_up, down in self.cache.iter_experts(layer, plan.experts, after_submit):
                 plan.compute(e, gate_up, down)
             return plan.result()
+
+
+    def _read_copy(self, key: ExpertKey, variant: int) -> tuple:
+        """One copy of an expert read straight from the store into a fresh buffer (no residency change)."""
+        cache = self.cache
+        loc = cache.locate(key) if variant == 0 or cache.locate_variant is None else cache.locate_variant(key, variant)
+        nbytes = cache.layout.nbytes(key, variant) if hasattr(cache.layout, "nbytes") else cache.expert_bytes
+        buf = torch.empty(nbytes // cache.layout.dtype.itemsize, dtype=cache.layout.dtype)
+        self.store.read_expert_into(loc, buf)
+        if self.device.type != "cpu":
+            buf = buf.to(self.device)
+        return cache.layout.views(buf, key, variant)
+
+    def _reference_forward(self, layer, hidden_states, top_k_index, top_k_weights, kernel, num_experts):
+        """The guardrail's reference pass: this layer with every routed expert at its own format, read from
+        the store (the cache is left alone), and the relative error of the copies a demand load would
+        bring under the quality setting, on the same input."""
+        with torch.no_grad():
+            full = kernel.plan(hidden_states, top_k_index, top_k_weights, num_experts)
+            reduced = kernel.plan(hidden_states, top_k_index, top_k_weights, num_experts)
+            for e in full.experts:
+                key = (layer, e)
+                own = self._read_copy(key, 0)
+                full.compute(e, *own)
+                variant = self.sizing.size_of(key, False)[1] if self.sizing is not None else 0
+                reduced.compute(e, *(own if variant == 0 else self._read_copy(key, variant)))
+            out, approx = full.result(), reduced.result()
+            norm = float(out.float().norm())
+            assert self.reference is not None
+            self.reference[layer] = float((approx.float() - out.float()).norm()) / norm if norm > 0 else 0.0
+            return out
 
 
 class OffloadedExperts(nn.Module):

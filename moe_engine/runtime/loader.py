@@ -32,7 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from moe_engine.runtime.adapters import Adapter, get_adapter, moe_blocks, parse_expert_key
-from moe_engine.runtime.cache import ExpertCache
+from moe_engine.runtime.cache import ExpertCache, PackedLayout
 from moe_engine.runtime.config import EngineConfig, format_bytes, parse_budget, resolve_budget
 from moe_engine.runtime.cuda_mover import CudaMover
 from moe_engine.runtime.engine import Engine, MoELayerInfo, OffloadedExperts
@@ -43,9 +43,12 @@ from moe_engine.runtime.export import (
     expert_parameter_count,
     save_checkpoint,
 )
+from moe_engine.runtime.guardrail import Guardrail
 from moe_engine.runtime.host_tier import plan_host_tier
+from moe_engine.runtime.kernels import QuantizedKernel
 from moe_engine.runtime.mover import Mover, ThreadMover
 from moe_engine.runtime.policies import make_policy, working_set_warning
+from moe_engine.runtime.quality import ExpertSizing, check_quality
 from moe_engine.runtime.residency import Residency
 from moe_engine.runtime.store import (
     CheckpointError,
@@ -189,6 +192,11 @@ def _as_dtype(value: torch.dtype | str | None) -> torch.dtype | None:
 
 
 def _load_config(path: Path):
+    return _load_config_and_quantization(path)[0]
+
+
+def _load_config_and_quantization(path: Path) -> tuple[Any, Any]:
+    """(the model config without its quantization_config, the moe-engine QuantizationConfig or None)."""
     from transformers import AutoConfig
 
     if not path.exists():
@@ -199,18 +207,27 @@ def _load_config(path: Path):
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"no config.json in {path}; point --model at a Hugging Face checkpoint directory")
     config = AutoConfig.from_pretrained(path)
-    _drop_quantization_config(config)
-    return config
+    return config, _drop_quantization_config(config)
 
 
-def _drop_quantization_config(config) -> None:
+def _drop_quantization_config(config) -> Any:
     """Validate ``config.quantization_config`` (ValueError naming any method moe-engine cannot run), then
     remove it from the config the model is built from: the store dequantizes FP8 block-scaled weights
-    itself (``moe_engine.runtime.store``), so transformers must not put its own FP8 layers in the model."""
+    itself (``moe_engine.runtime.store``), so transformers must not put its own FP8 layers in the model.
+    Returns the ``moe_engine.quant.checkpoint.QuantizationConfig`` of a checkpoint written by
+    ``moe-engine quantize`` (its experts are computed in their formats), else None."""
     qc = getattr(config, "quantization_config", None)
-    fp8_block_size(qc)
+    ours = None
+    raw = qc.to_dict() if hasattr(qc, "to_dict") else qc
+    if isinstance(raw, dict) and raw.get("quant_method") == "moe-engine":
+        from moe_engine.quant.checkpoint import QuantizationConfig
+
+        ours = QuantizationConfig.from_json(raw, where="config.json quantization_config")
+    else:
+        fp8_block_size(qc)
     if qc is not None:
         del config.quantization_config
+    return ours
 
 
 def _expert_locations(
@@ -253,6 +270,10 @@ def _expert_locations(
     return out
 
 
+# A routed expert's part in a checkpoint written by ``moe-engine quantize`` (moe_engine.quant.checkpoint).
+_QUANT_EXPERT_KEY = re.compile(r"^.*layers\.\d+\.mlp\.experts\.\d+\.(copies\.[\w.-]+\.)?(gate_up_proj|down_proj)\.\w+$")
+
+
 def _load_dense_weights(
     model, store: CheckpointStore, adapter: Adapter, device: torch.device, progress: bool = False
 ) -> None:
@@ -264,7 +285,7 @@ def _load_dense_weights(
     renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
     expected = model.state_dict()
     loaded: set[str] = set()
-    names = [n for n in store.tensors if parse_expert_key(n, adapter) is None]
+    names = [n for n in store.tensors if parse_expert_key(n, adapter) is None and not _QUANT_EXPERT_KEY.match(n)]
     for name in tqdm(names, desc="loading non-expert weights", unit="tensor", disable=not progress):
         target, _ = rename_source_key(name, renamings, [], model.base_model_prefix, expected)
         if target not in expected:
@@ -303,12 +324,17 @@ def from_pretrained(
     page_cache: bool = False,
     io_threads: int = 2,
     host_tier: str = "auto",
+    quality: str = "lossless",
+    guardrail: float | None = None,
+    guardrail_every: int = 16,
     progress: bool = False,
     threads: int | None = None,
     torch_dtype: torch.dtype | str | None = None,
     revision: str | None = None,
     device_map: str | None = None,
     trust_remote_code: bool = False,
+    plan: Any = None,
+    ep_mode: str = "standard",
     **unknown: Any,
 ):
     """Load a Hugging Face MoE checkpoint with its routed experts offloaded under ``budget``.
@@ -335,6 +361,13 @@ def from_pretrained(
         page_cache: let the OS page cache keep expert pages (off: the budget is the real bound).
         threads: torch intra-op threads (a process-wide setting); default: half the physical cores
             (``moe_engine.runtime.threads``: torch's default of one per core slows a shared machine badly).
+        quality: which stored copy of an expert a load brings (``moe_engine.runtime.quality``):
+            "lossless" (default: the expert's own format), "balanced" (a demand miss loads the smallest
+            copy, a prefetch the own format), "fast" (always the smallest copy). Other than "lossless"
+            needs a checkpoint with lower-precision copies (``moe-engine quantize``).
+        guardrail, guardrail_every: a KL bound (nats) on the next-token distribution, checked every
+            ``guardrail_every`` decode steps against a pass with full-precision experts; above it the
+            worst layers go back to full precision (``moe_engine.runtime.guardrail``). None: no checks.
         host_tier: on CUDA, where the experts that do not fit the budget wait: "auto" (nothing pinned
             when every expert fits the budget, else one pinned host arena when it fits in RAM with a
             safety margin, else the files with a warning), "pinned" (pin even inside the margin) or
@@ -345,6 +378,11 @@ def from_pretrained(
         device_map: "auto" or None only (the engine places experts itself; choose the compute device
             with ``device``).
         trust_remote_code: False only; checkpoints with their own modelling code are refused.
+        plan, ep_mode: expert parallelism (``moe_engine.distributed``): when ``plan`` is given (a
+            ``moe-placement/1`` path or ``PlacementPlan``) or a torch.distributed process group with more
+            than one rank is initialised, this rank serves only its experts (round-robin without a plan)
+            and exchanges tokens with the others; ``ep_mode`` "standard" (two all-to-alls per MoE layer)
+            or "coherent" (one).
 
     Other keyword arguments raise TypeError listing the accepted ones.
 
@@ -363,6 +401,11 @@ def from_pretrained(
             f"it accepts: {', '.join(accepted)}"
         )
     _check_transformers_args(device_map, trust_remote_code)
+    check_quality(quality)
+    if guardrail is not None and quality == "lossless":
+        raise ValueError("guardrail= checks lower-precision copies: use it with quality='balanced' or 'fast'")
+    guard = Guardrail(guardrail, guardrail_every) if guardrail is not None else None  # validates both
+    ep_plan = plan  # (the name `plan` is reused below for the CUDA host-tier plan)
     dtype = _resolve_dtype(dtype, torch_dtype)
     set_threads(threads)  # torch's intra-op threads (process-wide); default: half the physical cores
     if experts_implementation is not None:
@@ -390,7 +433,7 @@ def from_pretrained(
         make_policy(policy, num_layers=1, num_experts=1, capacity=1)  # unknown names fail before any work
     dev = _resolve_device(device)
     path = _resolve_path(path, revision)
-    config = _load_config(path)
+    config, qconfig = _load_config_and_quantization(path)
     adapter = get_adapter(config)
     store = CheckpointStore.open(path, page_cache=page_cache)
     try:
@@ -421,8 +464,34 @@ def from_pretrained(
             raise ValueError(f"experts of different shapes across layers are not supported: {sorted(shapes)}")
         (num_experts, inter, hidden) = shapes.pop()
 
-        expert_bytes = 3 * inter * hidden * dtype.itemsize
-        total = expert_bytes * num_experts * len(layers)  # every routed expert (checked against the files below)
+        layout = None
+        sizing: ExpertSizing | None = None
+        if qconfig is not None:
+            layout = _quantized_layout(qconfig, layers, num_experts, inter, hidden)
+            sizing = ExpertSizing(
+                {(i.moe_index, e): tuple(layout.nbytes((i.moe_index, e), v)
+                                         for v in range(len(qconfig.formats_of(i.moe_index, e))))
+                 for i in layers for e in range(num_experts)},
+                quality,
+            )  # fmt: skip
+            for m in modules:
+                m.kernel = QuantizedKernel(m.act_fn)
+                m.implementation = m.kernel.name
+        elif quality != "lossless":
+            raise ValueError(
+                f"quality={quality!r} loads lower-precision copies of the experts, which {path} does not have; "
+                "write a checkpoint with them first, e.g. `moe-engine quantize --model PATH --out DIR --bits 16 "
+                "--copies 4` (each expert at its stored precision plus an int4 copy), then load DIR"
+            )
+        if sizing is not None and (not sizing.uniform or quality != "lossless"):
+            expert_bytes = sizing.max_bytes  # the largest copy a load may bring: the budget must hold one
+            total = sizing.total_bytes
+        else:
+            if sizing is not None:
+                layout.numel = sizing.max_bytes  # type: ignore[union-attr]
+                sizing = None
+            expert_bytes = layout.numel if layout is not None else 3 * inter * hidden * dtype.itemsize
+            total = expert_bytes * num_experts * len(layers)  # every routed expert (checked against the files below)
         budget_bytes = resolve_budget(cfg.budget, total)
         if budget_bytes > total:
             warnings.warn(
@@ -440,22 +509,45 @@ def from_pretrained(
             )
         _load_dense_weights(model, store, adapter, dev, progress)
         model.to(dev)
-        locations = _expert_locations(
-            store, adapter, {i.decoder_layer: i.moe_index for i in layers}, num_experts, inter, hidden,
-            num_decoder_layers=getattr(config, "num_hidden_layers", None),
-        )  # fmt: skip
+        if qconfig is not None:
+            from moe_engine.quant.checkpoint import quantized_expert_location
 
-        num_slots = min(budget_bytes // expert_bytes, len(locations))
+            locations = {
+                (i.moe_index, e): quantized_expert_location(store, qconfig, i.moe_index, e)
+                for i in layers for e in range(num_experts)
+            }  # fmt: skip
+        else:
+            locations = _expert_locations(
+                store, adapter, {i.decoder_layer: i.moe_index for i in layers}, num_experts, inter, hidden,
+                num_decoder_layers=getattr(config, "num_hidden_layers", None),
+            )  # fmt: skip
+
+        if sizing is not None:  # entries of several sizes: the core keeps their bytes within the budget
+            num_slots = min(budget_bytes // sizing.min_bytes, len(locations))
+        else:
+            num_slots = min(budget_bytes // expert_bytes, len(locations))
         if policy != "none":
             msg = working_set_warning(num_slots, len(layers), max(info.top_k for info in layers))
             if msg is not None:
                 warnings.warn(msg, BudgetWarning, stacklevel=2)
+        locate_variant = None
+        if qconfig is not None:
+            def locate_variant(key: tuple[int, int], variant: int) -> ExpertLocation:
+                fmt = qconfig.formats_of(key[0], key[1])[variant]
+                return quantized_expert_location(store, qconfig, key[0], key[1], fmt)
+
         mover: Mover
+        slot_dtype = layout.dtype if layout is not None else dtype
         if dev.type == "cuda":
-            plan = plan_host_tier(expert_bytes, len(locations), budget_bytes, requested=cfg.host_tier)
+            # Several copy sizes: the pinned arena holds one size per expert, so copies stream from disk.
+            requested = "disk" if sizing is not None and cfg.host_tier == "auto" else cfg.host_tier
+            if sizing is not None and requested == "pinned":
+                raise ValueError("host_tier='pinned' holds one copy per expert; with quality other than "
+                                 "'lossless' or mixed expert sizes use host_tier='auto' (reads from disk)")
+            plan = plan_host_tier(expert_bytes, len(locations), budget_bytes, requested=requested)
             (logger.warning if plan.fallback else logger.info)("%s", plan.reason)
             mover = CudaMover(
-                store, sorted(locations.items()), 3 * inter * hidden, dtype, dev, num_slots, plan,
+                store, sorted(locations.items()), expert_bytes // slot_dtype.itemsize, slot_dtype, dev, num_slots, plan,
                 io_threads=io_threads, progress=progress,
             )  # fmt: skip
         else:
@@ -466,16 +558,18 @@ def from_pretrained(
         core = Residency(
             num_slots=num_slots, policy=pol, num_layers=len(layers), expert_bytes=expert_bytes,
             budget_bytes=budget_bytes, keep_resident=policy != "none",
+            size_of=sizing.size_of if sizing is not None else None,
         )  # fmt: skip
         cache = ExpertCache(
             core=core, intermediate=inter, hidden=hidden, dtype=dtype, device=dev, mover=mover,
-            locate=locations.__getitem__,
+            locate=locations.__getitem__, layout=layout, locate_variant=locate_variant,
         )  # fmt: skip
         pred = _build_predictor(predictor, model, adapter) if predictor is not None else None
         engine = Engine(
             config=cfg, store=store, core=core, cache=cache, mover=mover, layers=layers,
             budget_bytes=budget_bytes, predictor=pred, device=dev,
         )  # fmt: skip
+        engine.sizing = sizing
         for m in modules:
             m.attach(engine)
         model.engine = engine
@@ -488,10 +582,45 @@ def from_pretrained(
         except OSError:
             pass
         model.eval()
+        if guard is not None:
+            guard.install(model)
+        if ep_plan is not None or _process_group_size() > 1:
+            from moe_engine.distributed import attach
+
+            attach(model, plan=ep_plan, mode=ep_mode)
         return model
     except BaseException:
         store.close()
         raise
+
+
+def _process_group_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _quantized_layout(qconfig: Any, layers: list[MoELayerInfo], num_experts: int, inter: int, hidden: int) -> PackedLayout:
+    """The slot layout of a checkpoint written by ``moe-engine quantize``, checked against the model."""
+    from moe_engine.quant.slots import expert_slot_bytes
+
+    where = "config.json quantization_config"
+    if list(qconfig.moe_layers) != [i.decoder_layer for i in layers]:
+        raise CheckpointError(
+            f"{where} names MoE layers {list(qconfig.moe_layers)} but the model has "
+            f"{[i.decoder_layer for i in layers]}: re-run moe-engine quantize on the source checkpoint"
+        )
+    if qconfig.gate_up_shape != (2 * inter, hidden) or qconfig.down_shape != (hidden, inter):
+        raise CheckpointError(
+            f"{where} gives expert shapes {qconfig.gate_up_shape}/{qconfig.down_shape}, the model "
+            f"{(2 * inter, hidden)}/{(hidden, inter)}: re-run moe-engine quantize on the source checkpoint"
+        )
+    if any(len(row) != num_experts for row in qconfig.experts):
+        raise CheckpointError(f"{where} does not list a format for each of the {num_experts} experts of every layer")
+    formats = qconfig.experts
+    layout = PackedLayout(inter, hidden, lambda key, variant=0: qconfig.formats_of(key[0], key[1])[variant])
+    layout.numel = max(expert_slot_bytes(f, inter, hidden) for f in {f for row in formats for f in row})
+    return layout
 
 
 def _build_predictor(predictor: Any, model, adapter: Adapter):

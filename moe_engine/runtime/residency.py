@@ -57,12 +57,13 @@ LOADING, READY = 1, 2
 
 
 class Load:
-    """Start copying ``key`` into ``slot`` (a demand load, or a prefetch when ``prefetch``)."""
+    """Start copying ``key`` into ``slot`` (a demand load, or a prefetch when ``prefetch``); ``variant``:
+    which stored copy of the expert (0: its own precision; see ``Residency(size_of=...)``)."""
 
-    __slots__ = ("key", "slot", "prefetch")
+    __slots__ = ("key", "slot", "prefetch", "variant")
 
-    def __init__(self, key: ExpertKey, slot: int, prefetch: bool = False) -> None:
-        self.key, self.slot, self.prefetch = key, slot, prefetch
+    def __init__(self, key: ExpertKey, slot: int, prefetch: bool = False, variant: int = 0) -> None:
+        self.key, self.slot, self.prefetch, self.variant = key, slot, prefetch, variant
 
     def __repr__(self) -> str:
         return f"Load({self.key}, slot={self.slot}, prefetch={self.prefetch})"
@@ -90,12 +91,14 @@ PREDICT = Predict()
 
 
 class _Entry:
-    __slots__ = ("slot", "state", "prefetched")
+    __slots__ = ("slot", "state", "prefetched", "nbytes", "variant")
 
-    def __init__(self, slot: int, state: int, prefetched: bool) -> None:
+    def __init__(self, slot: int, state: int, prefetched: bool, nbytes: int, variant: int = 0) -> None:
         self.slot = slot
         self.state = state
         self.prefetched = prefetched  # resident by a prefetch that no layer has used yet
+        self.nbytes = nbytes
+        self.variant = variant
 
 
 @dataclass
@@ -112,6 +115,7 @@ class Counters:
     mispredictions: list[int] = field(default_factory=list)
     evictions: list[int] = field(default_factory=list)
     failed_loads: list[int] = field(default_factory=list)
+    reduced_loads: list[int] = field(default_factory=list)  # loads of a lower-precision copy (size_of)
     stall_seconds: list[float] = field(default_factory=list)
     late_stall_seconds: list[float] = field(default_factory=list)
 
@@ -123,7 +127,7 @@ class Counters:
     def names() -> tuple[str, ...]:
         return (
             "hits", "late_hits", "misses", "prefetches", "prefetch_hits", "wasted_prefetches",
-            "mispredictions", "evictions", "failed_loads", "stall_seconds", "late_stall_seconds",
+            "mispredictions", "evictions", "failed_loads", "reduced_loads", "stall_seconds", "late_stall_seconds",
         )  # fmt: skip
 
 
@@ -146,9 +150,18 @@ class Residency:
         budget_bytes: int | None = None,
         keep_resident: bool = True,
         log: list[tuple[str, ExpertKey]] | None = None,
+        size_of: Callable[[ExpertKey, bool], tuple[int, int]] | None = None,
     ) -> None:
         if num_slots < 1:
             raise ValueError(f"the fast tier needs at least one slot, got {num_slots}")
+        # Entries of several sizes: ``size_of(key, prefetch) -> (bytes, variant)`` says which copy of an
+        # expert a load brings and its size; admission then keeps the *bytes* of resident entries within
+        # the budget (``num_slots`` only bounds how many entries there can be). None: every entry is
+        # ``expert_bytes`` and a slot count is the budget.
+        self.size_of = size_of
+        self.used_bytes = 0
+        self._evicted_bytes = 0
+        self.on_free: Callable[[int], None] | None = None  # byte mode: a slot id left unused (its buffer can go)
         self.num_slots = num_slots
         self.policy = policy
         self.num_layers = num_layers
@@ -188,7 +201,12 @@ class Residency:
 
     @property
     def resident_bytes(self) -> int:
-        return len(self.entries) * self.expert_bytes
+        return self.used_bytes if self.size_of is not None else len(self.entries) * self.expert_bytes
+
+    def variant_of(self, key: ExpertKey) -> int:
+        """Which stored copy of ``key`` is resident (0 when it is absent or sizes are uniform)."""
+        e = self.entries.get(key)
+        return 0 if e is None else e.variant
 
     def _evictable(self, key: ExpertKey) -> bool:
         return key not in self.protected and key not in self._keep
@@ -209,12 +227,20 @@ class Residency:
         e = self.entries.pop(key, None)
         if e is None:
             return
-        self.free.append(e.slot)
+        self._release(e)
         self.policy.evict(key)
         self.c.failed_loads[key[0]] += 1
         self.protected.discard(key)
         if self.log is not None:
             self.log.append(("fail", key))
+
+    def _release(self, e: _Entry) -> None:
+        """An entry left: its slot id is free again (and its bytes, in byte mode)."""
+        self.free.append(e.slot)
+        if self.size_of is not None:
+            self.used_bytes -= e.nbytes
+            if self.on_free is not None:
+                self.on_free(e.slot)
 
     def _evict_one(self) -> int | None:
         """Free a slot by evicting the policy's victim; None when every resident key is protected."""
@@ -231,6 +257,7 @@ class Residency:
                 self.policy.evict(victim)
                 continue
             self.policy.evict(victim)
+            self._evicted_bytes = e.nbytes
             layer = victim[0]
             self.c.evictions[layer] += 1
             if e.prefetched:
@@ -242,6 +269,8 @@ class Residency:
     def _admit(self, key: ExpertKey, prefetch: bool, state: int = LOADING) -> int | None:
         """Give ``key`` a slot (free, or the policy's victim's) in ``state`` (LOADING: a copy will run;
         READY: a driver with nothing to copy); None if no slot can be had."""
+        if self.size_of is not None:
+            return self._admit_sized(key, prefetch, state)
         if self.free:
             slot = self.free.pop()
         else:
@@ -249,7 +278,7 @@ class Residency:
             if got is None:
                 return None
             slot = got
-        self.entries[key] = _Entry(slot, state, prefetch)
+        self.entries[key] = _Entry(slot, state, prefetch, self.expert_bytes)
         self.policy.insert(key, prefetch)
         layer = key[0]
         self.bytes_moved[layer] += self.expert_bytes
@@ -260,6 +289,42 @@ class Residency:
             self.peak_resident = n
         return slot
 
+    def _admit_sized(self, key: ExpertKey, prefetch: bool, state: int) -> int | None:
+        """``_admit`` for entries of several sizes: evict until the copy's bytes fit the budget."""
+        assert self.size_of is not None
+        nbytes, variant = self.size_of(key, prefetch)
+        if nbytes > self.budget_bytes:
+            raise ValueError(f"expert {key} needs {nbytes} bytes, more than the whole budget {self.budget_bytes}")
+        reuse: int | None = None  # a victim's slot id, taken over (with its buffer, when sizes match)
+        while self.used_bytes + nbytes > self.budget_bytes or (reuse is None and not self.free):
+            got = self._evict_one()
+            if got is None:  # every resident key is protected
+                if reuse is not None:
+                    self._free_id(reuse)
+                return None
+            self.used_bytes -= self._evicted_bytes
+            if reuse is not None:
+                self._free_id(reuse)
+            reuse = got
+        slot = reuse if reuse is not None else self.free.pop()
+        self.used_bytes += nbytes
+        self.entries[key] = _Entry(slot, state, prefetch, nbytes, variant)
+        self.policy.insert(key, prefetch)
+        layer = key[0]
+        self.bytes_moved[layer] += nbytes
+        if variant:
+            self.c.reduced_loads[layer] += 1
+        if prefetch:
+            self.prefetch_bytes[layer] += nbytes
+        if self.used_bytes > self.peak_resident:
+            self.peak_resident = self.used_bytes
+        return slot
+
+    def _free_id(self, slot: int) -> None:
+        self.free.append(slot)
+        if self.on_free is not None:
+            self.on_free(slot)
+
     def _grow_keys(self, layer: int) -> list[ExpertKey]:
         while len(self._key_cache) <= layer:
             self._key_cache.append([])
@@ -269,6 +334,8 @@ class Residency:
         """Rebuild the free list if an interrupted operation lost a slot (never seen in normal runs)."""
         used = {e.slot for e in self.entries.values()}
         self.free = [s for s in range(self.num_slots - 1, -1, -1) if s not in used]
+        if self.size_of is not None:
+            self.used_bytes = sum(e.nbytes for e in self.entries.values())
 
     # ------------------------------------------------------------------ one layer
     def _begin(self, layer: int, experts: Sequence[int], ready: Callable[[ExpertKey], bool]) -> tuple[list, list]:
@@ -404,8 +471,18 @@ class Residency:
         """Load-on-demand mode: the key leaves as soon as it was used."""
         e = self.entries.pop(key, None)
         if e is not None:
-            self.free.append(e.slot)
+            self._release(e)
             self.policy.evict(key)
+
+    def drop_reduced(self, layers: set[int]) -> int:
+        """Drop every resident lower-precision copy (variant > 0) of ``layers``' experts, so their next use
+        loads the expert's own format (the guardrail's fallback). Returns how many were dropped."""
+        gone = [k for k, e in self.entries.items() if e.variant and k[0] in layers and k not in self.protected]
+        for k in gone:
+            self._drop(k)
+            if self.log is not None:
+                self.log.append(("evict", k))
+        return len(gone)
 
     # ------------------------------------------------------------------ prefetch
     def observe(self, scores: Mapping[ExpertKey, float]) -> None:
@@ -462,7 +539,7 @@ class Residency:
             expert_bytes=self.expert_bytes,
             num_slots=self.num_slots,
             resident_bytes=self.resident_bytes,
-            peak_resident_bytes=self.peak_resident * self.expert_bytes,
+            peak_resident_bytes=self.peak_resident if self.size_of is not None else self.peak_resident * self.expert_bytes,
             per_layer=per_layer,
         )
         return total
@@ -472,7 +549,7 @@ class Residency:
         self.c = Counters(self.num_layers)
         self.bytes_moved = [0] * self.num_layers
         self.prefetch_bytes = [0] * self.num_layers
-        self.peak_resident = len(self.entries)
+        self.peak_resident = self.used_bytes if self.size_of is not None else len(self.entries)
         self.predict_seconds = 0.0
 
 

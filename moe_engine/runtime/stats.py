@@ -7,7 +7,10 @@ layer waited for the rest of it (``late_stall_seconds``); a *miss* had to be loa
 *prefetch hit* is a ready or late hit owed to a prefetch; a *wasted prefetch* was evicted before any
 layer used it; a *misprediction* is a prefetch whose target layer then ran without it (it may still
 be used later). *Stall* is time compute waited for copies (misses and late hits). A *failed load* is
-a copy that raised (the slot was freed, the expert is loaded again on next use).
+a copy that raised (the slot was freed, the expert is loaded again on next use). A *reduced load*
+brought a lower-precision stored copy of the expert instead of its own precision (``quality`` other
+than "lossless", ``moe_engine.runtime.quality``); *guardrail fallbacks* count layers the guardrail
+switched back to full precision because sampled logits diverged beyond its bound.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ class LayerStats:
     mispredictions: int = 0
     evictions: int = 0
     failed_loads: int = 0
+    reduced_loads: int = 0
     bytes_moved: int = 0
     prefetch_bytes: int = 0
     stall_seconds: float = 0.0
@@ -65,6 +69,9 @@ class EngineStats(LayerStats):
     num_slots: int = 0
     resident_bytes: int = 0
     peak_resident_bytes: int = 0
+    guardrail_checks: int = 0
+    guardrail_fallbacks: int = 0
+    guardrail_max_kl: float = 0.0
     per_layer: list[LayerStats] = field(default_factory=list)
 
     def summary(self) -> str:
