@@ -228,3 +228,23 @@ def test_guardrail_arguments_are_checked(tiny_checkpoint):
         moe_engine.from_pretrained(tiny_checkpoint("mixtral"), budget=0.5, device="cpu", guardrail=0.1)
     with pytest.raises(ValueError, match="KL bound"):
         moe_engine.from_pretrained(tiny_checkpoint("mixtral"), budget=0.5, device="cpu", quality="fast", guardrail=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("quality", ["lossless", "fast"])
+def test_cuda_quantized_experts_match_cpu(quality, tiny_checkpoint, tmp_path):
+    """On CUDA: packed slots on the device, copies of several sizes streamed through pinned staging."""
+    src = tiny_checkpoint("qwen2_moe")
+    out = tmp_path / "q"
+    _with_copies(src, out, own="int8", copy="int4-g32")
+    ids = _ids()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with moe_engine.from_pretrained(out, budget=0.3, device="cpu", dtype=torch.float32, quality=quality) as cpu:
+            with torch.no_grad():
+                want = cpu(ids).logits
+        with moe_engine.from_pretrained(out, budget=0.3, device="cuda", dtype=torch.float32, quality=quality) as gpu:
+            with torch.no_grad():
+                got = gpu(ids.cuda()).logits.cpu()
+            assert gpu.engine.stats().peak_resident_bytes <= gpu.engine.budget_bytes
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
