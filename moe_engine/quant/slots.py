@@ -22,7 +22,7 @@ def _align(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def expert_packing(fmt: str, intermediate: int, hidden: int) -> tuple[tuple[int, int], tuple[int, int]]:
     """``((offset, nbytes) of gate_up, (offset, nbytes) of down)`` inside a slot, for format ``fmt``."""
     from moe_engine.quant.formats import get_format
@@ -39,7 +39,7 @@ def expert_slot_bytes(fmt: str, intermediate: int, hidden: int) -> int:
     return off + n
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def part_offsets(fmt: str, shape: tuple[int, int]) -> tuple[tuple[str, int, int], ...]:
     """``(part name, byte offset, nbytes)`` of each part of one matrix's packed form, in packing order
     (``pack``'s layout: every part starts at a multiple of 64 bytes)."""

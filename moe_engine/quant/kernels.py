@@ -1,0 +1,173 @@
+"""Bit layouts and weight-only matmul kernels behind ``moe_engine.quant.formats``.
+
+Owns: the *nibble layout* every group-wise format stores its codes in, the bit-plane packing of 3- and
+2-bit codes inside it, and the calls into torch's CPU weight-only kernels.
+
+Glossary:
+- *codes*: ``uint8 [Np, Kp]``, one integer per weight (0..2^bits-1), ``Np`` = out rows padded to a
+  multiple of 32, ``Kp`` = in columns padded to a multiple of the group size.
+- *nibble layout* (``nib``): ``uint8 [Np, Kp / 2]`` in the byte order of
+  ``torch.ops.aten._convert_weight_to_int4pack_for_cpu`` on an AVX2 build (``BLOCK_N = 32``): rows go
+  in blocks of 32; block ``b`` is ``[Kp, 16]`` bytes and byte ``(k, d)`` holds row ``32b + d`` in its
+  low nibble and row ``32b + 16 + d`` in its high nibble. Storing that order means the int4 kernel
+  reads a slot as it lies, with no per-call repack (measured: the repack of a 5632 x 1024 matrix costs
+  3x the matmul itself). ``int4pack_layout_matches()`` checks once per process that this torch build
+  packs the same way (AVX512 builds use 64-row blocks); where it does not, ``int4_linear_cpu``
+  converts per call (correct, slower).
+- *scale_zero*: ``[Kp / G, Np, 2]`` (scale, zero) per group and row, the kernel's ``qScaleAndZeros``;
+  a weight is ``(code - 8) * scale + zero`` (torch's int4 convention, for every bit width here).
+
+Example::
+
+    nib = codes_to_nib(codes)              # codes uint8 [64, 128] -> nib uint8 [64, 64]
+    assert torch.equal(nib_to_codes(nib), codes)
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+BLOCK_N = 32  # rows per block of the nibble layout (torch's AVX2 int4pack block)
+HALF = BLOCK_N // 2
+CODE_OFFSET = 8  # torch's int4 kernels dequantize as (code - 8) * scale + zero
+
+
+def codes_to_nib(codes: torch.Tensor) -> torch.Tensor:
+    """codes ``uint8 [Np, Kp]`` (values < 16, Np % 32 == 0, Kp even) -> nibble layout ``uint8 [Np, Kp/2]``."""
+    n, k = codes.shape
+    c = codes.view(n // BLOCK_N, 2, HALF, k)  # [NB, lo/hi, 16, Kp]
+    nib = (c[:, 1] << 4) | c[:, 0]  # [NB, 16, Kp]
+    return nib.transpose(1, 2).contiguous().view(n, k // 2)
+
+
+def _words(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (uint8, contiguous, numel % 4 == 0) viewed as int32 words: uint8 shifts and masks with a
+    scalar run unvectorized in torch (10-20x slower), so bit work here is done 4 bytes at a time."""
+    t = t.contiguous()
+    if t.storage_offset() % 4:
+        t = t.clone()
+    return t.view(torch.int32)
+
+
+_LOW_NIBBLES = 0x0F0F0F0F
+
+
+def split_nibbles(nib: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(low nibbles, high nibbles)`` of every byte of ``nib`` (uint8, same shape as ``nib``)."""
+    w = _words(nib)
+    lo = (w & _LOW_NIBBLES).view(torch.uint8).view(nib.shape)
+    hi = ((w >> 4) & _LOW_NIBBLES).view(torch.uint8).view(nib.shape)
+    return lo, hi
+
+
+def split_nibbles_signed(nib: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(low, high)`` nibbles of every byte of ``nib`` minus 8, as int8 (the kernel's ``code - 8``):
+    ``c ^ 8`` is ``c - 8`` in 4-bit two's complement; copying its bit 3 into bits 4-7 sign-extends it."""
+    w = _words(nib)
+    out = []
+    for part in (w & _LOW_NIBBLES, (w >> 4) & _LOW_NIBBLES):
+        t = part ^ 0x08080808
+        sign = t & 0x08080808
+        t |= (sign << 1) | (sign << 2) | (sign << 3) | (sign << 4)
+        out.append(t.view(torch.int8).view(nib.shape))
+    return out[0], out[1]
+
+
+def nib_to_codes_t(blocks: torch.Tensor) -> torch.Tensor:
+    """Nibble-layout row blocks ``uint8 [B, Kp, 16]`` -> the codes of ``W.T``: ``uint8 [Kp, 32 B]``
+    (column ``32 b + j`` is row ``32 b + j`` of the block range). The layout is W.T-major inside a
+    block, so this needs no transpose of the codes."""
+    nb, k, _ = blocks.shape
+    lo, hi = split_nibbles(blocks)
+    both = torch.stack((lo, hi), dim=2)  # [B, Kp, 2, 16]: rows d, then rows 16 + d
+    return both.permute(1, 0, 2, 3).reshape(k, nb * BLOCK_N)
+
+
+def nib_to_codes(nib: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``codes_to_nib``: nibble layout ``uint8 [Np, Kp/2]`` -> codes ``uint8 [Np, Kp]``."""
+    n, half_k = nib.shape
+    return nib_to_codes_t(nib.reshape(n // BLOCK_N, 2 * half_k, HALF)).t().contiguous()
+
+
+# ------------------------------------------------------------------------------ 2- and 3-bit bit planes
+# A 2-bit code sits in a nibble as 0b00cc; 3-bit as 0b0ccc. Both are stored without the unused bits:
+# "lo2" keeps the two low bits of both nibbles of every nib byte (4 bits of it), two nib bytes to a
+# stored byte (first half of the flat array in the low nibble, second half in the high); "hi1" keeps
+# bit 2 of both nibbles (2 bits), four nib bytes to a stored byte (quarters of the flat array).
+
+
+def pack_lo2(nib: torch.Tensor) -> torch.Tensor:
+    """Nibble layout -> ``uint8 [numel / 2]``: bits 0-1 of each nibble."""
+    flat = nib.reshape(-1)
+    v = (flat & 0x03) | ((flat >> 2) & 0x0C)  # lo nibble bits 0-1 -> 0-1, hi nibble bits 4-5 -> 2-3
+    h = v.numel() // 2
+    return v[:h] | (v[h:] << 4)
+
+
+def unpack_lo2(lo2: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``pack_lo2`` (flat): nibble bytes with bits 0-1 of each nibble set."""
+    w = _words(lo2)
+    v = torch.cat((w & _LOW_NIBBLES, (w >> 4) & _LOW_NIBBLES))
+    # each byte 0b(0000 h1 h0 l1 l0) -> nibble byte 0b(00 h1 h0 00 l1 l0)
+    return ((v & 0x03030303) | ((v & 0x0C0C0C0C) << 2)).view(torch.uint8)
+
+
+def pack_hi1(nib: torch.Tensor) -> torch.Tensor:
+    """Nibble layout -> ``uint8 [numel / 4]``: bit 2 of each nibble (3-bit codes)."""
+    flat = nib.reshape(-1)
+    v = ((flat >> 2) & 0x01) | ((flat >> 5) & 0x02)  # 2 bits per nib byte
+    q = v.numel() // 4
+    return v[:q] | (v[q : 2 * q] << 2) | (v[2 * q : 3 * q] << 4) | (v[3 * q :] << 6)
+
+
+def unpack_hi1(hi1: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``pack_hi1`` (flat): nibble bytes with only bit 2 of each nibble set."""
+    w = _words(hi1)
+    v = torch.cat([(w >> s) & 0x03030303 for s in (0, 2, 4, 6)])
+    return (((v & 0x01010101) << 2) | ((v & 0x02020202) << 5)).view(torch.uint8)
+
+
+# ------------------------------------------------------------------------------------------- kernels
+
+
+@functools.cache
+def has_int4_cpu_kernel() -> bool:
+    """Whether this torch has the CPU int4 weight-only kernel and its packer."""
+    ops = torch.ops.aten
+    return hasattr(ops, "_weight_int4pack_mm_for_cpu") and hasattr(ops, "_convert_weight_to_int4pack_for_cpu")
+
+
+@functools.cache
+def has_int8_cpu_kernel() -> bool:
+    """Whether this torch has the int8 weight-only kernel (``_weight_int8pack_mm``)."""
+    return hasattr(torch.ops.aten, "_weight_int8pack_mm")
+
+
+@functools.cache
+def int4pack_layout_matches() -> bool:
+    """Whether this torch build's CPU int4 packer writes exactly the nibble layout (checked once, on a
+    random 64 x 64 matrix). True on AVX2 builds; AVX512 builds pack 64-row blocks."""
+    if not has_int4_cpu_kernel():
+        return False
+    gen = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 16, (2 * BLOCK_N, 64), generator=gen, dtype=torch.int32)
+    theirs = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
+    return theirs.dtype == torch.uint8 and torch.equal(theirs.reshape(-1), codes_to_nib(codes.to(torch.uint8)).reshape(-1))
+
+
+def int4_linear_cpu(x2d: torch.Tensor, nib: torch.Tensor, group: int, scale_zero: torch.Tensor) -> torch.Tensor:
+    """``x2d [M, Kp] bf16 @ W.T`` with W given as nibble layout + scale_zero (bf16): torch's CPU kernel.
+
+    Returns ``[M, Np]`` bf16. Where this build packs differently, converts the nibble layout per call.
+    """
+    if not int4pack_layout_matches():
+        codes = nib_to_codes(nib).to(torch.int32)
+        nib = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x2d, nib, group, scale_zero)
+
+
+def int8_linear_cpu(x2d: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x2d [M, K] @ (qweight [N, K] int8 * scale [N]).T``: torch's weight-only int8 kernel."""
+    return torch.ops.aten._weight_int8pack_mm(x2d, qweight, scale)
