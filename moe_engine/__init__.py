@@ -37,6 +37,10 @@ def __getattr__(name: str) -> Any:
         import importlib
 
         return getattr(importlib.import_module(_ERRORS[name]), name)
+    if name == "serve":  # moe_engine.serve(...) starts the OpenAI-compatible server (the package is callable)
+        import importlib
+
+        return importlib.import_module("moe_engine.serve")
     if name == "default_model_path":
         from moe_engine.default_model import default_model_path
 
@@ -44,4 +48,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'moe_engine' has no attribute {name!r}")
 
 
-__all__ = ["from_pretrained", "default_model_path", "__version__", *_ERRORS]
+__all__ = ["from_pretrained", "default_model_path", "serve", "__version__", *_ERRORS]

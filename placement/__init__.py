@@ -7,6 +7,9 @@ of ``moe_engine``. Entry points:
 * ``plan_placement`` with a ``PlannerConfig``: the full planner (starts, local search, ILP, replicas).
 * ``solve_ilp``: the exact integer program (pulp; HiGHS or CBC).
 * ``PlacementPlan``, ``save_plan``, ``load_plan``, ``evaluate_plan``: the ``moe-placement/1`` format.
+* ``token_devices`` / ``split_by_load``: the one route rule, which copy serves each (token, layer, slot),
+  hot experts' tokens split across their replicas by load (``placement.balance``).
+* ``placement.projection``: expert-parallel wire bytes, messages, all-to-alls and time from a trace.
 
 Example::
 

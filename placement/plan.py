@@ -229,7 +229,7 @@ class PlanMetrics:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
 
 
-def token_devices(plan: PlacementPlan, expert_ids: np.ndarray) -> np.ndarray:
+def token_devices(plan: PlacementPlan, expert_ids: np.ndarray, first_token: int = 0) -> np.ndarray:
     """[T, L, K]: device of the copy each token's expert is served from (routes applied layer by layer).
 
     The one route rule (runtime, ``evaluate_plan`` and the projection all use it). Without replicas:
@@ -238,6 +238,8 @@ def token_devices(plan: PlacementPlan, expert_ids: np.ndarray) -> np.ndarray:
     token's home device ``t % G``); then a replicated expert's entries are split across its copies by
     load (EPLB-style, ``placement.balance``): quotas even out the devices' loads, and entries keep
     their preferred copy while its quota lasts. Deterministic: every rank computes the same split.
+    The split is over the tokens of the call (a batch): every row given counts as load. Row t's home
+    device is ``(first_token + t) % G`` (``first_token``: the global number of the first row).
     """
     validate_expert_ids(expert_ids, plan.num_experts)
     num_tokens, num_layers, _ = expert_ids.shape
@@ -249,7 +251,7 @@ def token_devices(plan: PlacementPlan, expert_ids: np.ndarray) -> np.ndarray:
     table = plan.route_table()  # [L, E, G]
     copies = plan.copy_table()  # [L, E, C], -1 padded
     out = np.empty(ids.shape, dtype=np.int64)
-    source = np.arange(num_tokens) % plan.num_devices  # home device before the first MoE layer
+    source = (first_token + np.arange(num_tokens)) % plan.num_devices  # home device before the first MoE layer
     prev: np.ndarray | None = None
     for layer in range(num_layers):
         routed = table[layer, ids[:, layer], source[:, None]]  # [T, K] the route table's choice
@@ -275,22 +277,26 @@ def _split_by_load(routed: np.ndarray, ids: np.ndarray, score: np.ndarray, reps:
     replicated = np.isin(ids, np.fromiter(reps, dtype=np.int64))
     base = np.bincount(routed[~replicated], minlength=num_devices)
     masks = {e: ids == e for e in reps}
-    quotas = fill_quotas(base, {e: (np.asarray(rep.devices), int(masks[e].sum())) for e, rep in reps.items()})
+    flat_score = score.reshape(-1, score.shape[2])
+    prefer = {e: np.bincount(np.argmax(flat_score[masks[e].ravel(), : len(rep.devices)], axis=1),
+                             minlength=len(rep.devices)) for e, rep in reps.items()}
+    quotas = fill_quotas(base, {e: (np.asarray(rep.devices), int(masks[e].sum())) for e, rep in reps.items()},
+                         prefer=prefer)
     out = routed.copy()
     for e, rep in reps.items():
         rows = np.nonzero(masks[e].ravel())[0]  # entries in token order
         if not len(rows):
             continue
         ncopies = len(rep.devices)
-        choice = assign_to_quotas(score.reshape(-1, score.shape[2])[rows, :ncopies], quotas[e])
+        choice = assign_to_quotas(flat_score[rows, :ncopies], quotas[e])
         out.ravel()[rows] = np.asarray(rep.devices)[choice]
     return out
 
 
-def split_by_load(plan: PlacementPlan, expert_ids: np.ndarray) -> np.ndarray:
+def split_by_load(plan: PlacementPlan, expert_ids: np.ndarray, first_token: int = 0) -> np.ndarray:
     """[T, L, K] device serving each (token, layer, slot) of ``expert_ids [T, L, K]``, hot experts' tokens
     split across their replicas by load. The runtime's entry point; the same rule as ``token_devices``."""
-    return token_devices(plan, expert_ids)
+    return token_devices(plan, expert_ids, first_token)
 
 
 def evaluate_plan(plan: PlacementPlan, expert_ids: np.ndarray, topology: Topology | None = None) -> PlanMetrics:

@@ -34,7 +34,14 @@ from moe_engine.placement.affinity import Affinity, compute_affinity, select_row
 from moe_engine.placement.ilp import available_solver, solve_ilp
 from moe_engine.placement.plan import PlacementPlan
 from moe_engine.placement.replication import add_replicas
-from moe_engine.placement.search import chain_start, descend, placement_cost, round_robin
+from moe_engine.placement.search import (
+    chain_start,
+    descend,
+    improve_layer_swaps,
+    layer_cost_matrix,
+    placement_cost,
+    round_robin,
+)
 from moe_engine.placement.topology import Topology
 
 # Candidate affinity powers for validation (affinity_power=None) and the share of time it may use.
@@ -248,8 +255,9 @@ def plan_placement(
 
 
 def _load_limit(load: np.ndarray, config: PlannerConfig) -> np.ndarray | None:
-    """[L] max tokens per device, or None without balance (replicas balance load by themselves)."""
-    if config.balance is None or config.replicas:
+    """[L] max tokens per device of the primaries, or None without balance. Kept with replicas too: the
+    load split across copies (placement.balance) evens out what the primaries leave, not a skewed layout."""
+    if config.balance is None:
         return None
     return (1.0 + config.balance) * load.sum(axis=1) / config.num_devices
 
@@ -303,14 +311,19 @@ def _choose_power(expert_ids, weights, num_experts, sequence_starts, groups, con
 def _search(fit, cost, capacity, load, load_limit, rng, deadline, say, min_starts: int = 4):
     """Multi-start chained starts + descent, then iterated window perturbation of the best."""
     num_layers = capacity.shape[0]
-    best, best_cost = None, np.inf
+    best, best_cost, best_ok = None, np.inf, False
     starts = perturbs = 0
     while starts < min_starts and (starts == 0 or time.monotonic() < deadline):
         assign = chain_start(fit, capacity, cost, rng, reverse=bool(starts % 2), deadline=deadline)
         assign, c, _ = descend(fit, assign, cost, capacity, load, load_limit, deadline=deadline)
         starts += 1
-        if c < best_cost - 1e-12:
-            best, best_cost = assign, c
+        ok = _within(assign, capacity, load, load_limit)
+        if (ok and not best_ok) or (ok == best_ok and c < best_cost - 1e-12):  # within the load limit first
+            best, best_cost, best_ok = assign, c, ok
+    if not best_ok:  # the descent ran out of time before the load limit held: repair layer by layer
+        assert best is not None
+        best = _repair_load(fit, best, cost, capacity, load, load_limit)
+        best_cost = placement_cost(fit, best, cost)
     say(f"{starts} chained starts, best cost {best_cost:.4g}")
     while time.monotonic() < deadline and num_layers > 1:
         width = int(rng.integers(1, min(8, num_layers) + 1))
@@ -324,6 +337,30 @@ def _search(fit, cost, capacity, load, load_limit, rng, deadline, say, min_start
         if c < best_cost - 1e-9 * max(1.0, best_cost) and _within(cand, capacity, load, load_limit):
             best, best_cost = cand, c
     return best, best_cost, starts, perturbs
+
+
+def _repair_load(fit, assign, cost, capacity, load, load_limit):
+    """Swaps that bring every layer's device loads within ``load_limit``, cheapest per unit of excess first."""
+    assign = assign.copy()
+    num_experts, num_devices = assign.shape[1], capacity.shape[1]
+    idx = np.arange(num_experts)
+    for layer in range(assign.shape[0]):
+        lc = layer_cost_matrix(fit, assign, cost, layer)
+        devices, w, limit = assign[layer].copy(), load[layer], float(load_limit[layer]) + 1e-6
+        for _ in range(num_experts):  # moves into free slots first: swaps cannot change a device's expert count
+            dev_load = np.bincount(devices, weights=w, minlength=num_devices)
+            if dev_load.max() <= limit:
+                break
+            free = np.bincount(devices, minlength=num_devices) < capacity[layer]
+            ok = (dev_load[devices] > limit)[:, None] & free[None, :] & (dev_load[None, :] + w[:, None] <= limit)
+            if not ok.any():
+                break
+            removed = np.maximum(np.minimum(w, dev_load[devices] - limit), 1e-9)
+            score = np.where(ok, (lc - lc[idx, devices][:, None]) / removed[:, None], np.inf)
+            e, g = np.unravel_index(int(np.argmin(score)), score.shape)
+            devices[e] = g
+        assign[layer] = improve_layer_swaps(lc, devices, capacity[layer], w, float(load_limit[layer]))
+    return assign
 
 
 def _within(assign, capacity, load, load_limit) -> bool:

@@ -3,9 +3,11 @@
 With E + R slots per layer on G devices, R slots are left after the primaries. Each spare slot on device
 g takes the copy that helps most: pairs arriving at expert e from device g (previous layer's affinity
 mass) become local, corrected for where the switching tokens go next; with balance on, relieving an
-overloaded expert's device counts too. A slot stays empty when no copy helps. A token uses the copy
-where most of its previous-layer experts are (see placement.plan); the route table names the copy for
-each source device: local, else the nearest (same node first), else the least-loaded one.
+overloaded expert's device counts too, and so does giving every device room to pass load on (the first
+copy of a hot expert whose device has little replicated load). A slot stays empty when no copy helps.
+A token prefers the copy where most of its previous-layer experts are, and a replicated expert's tokens
+are split across its copies by load (see placement.plan, placement.balance); the route table names the
+preferred copy for each source device: local, else the nearest (same node first), else the least-loaded.
 
 Example::
 
@@ -19,6 +21,11 @@ import numpy as np
 from moe_engine.placement.plan import Replica
 from moe_engine.placement.search import group_rows
 from moe_engine.placement.topology import Topology
+
+# With balance on, the share of a mean device load that each device should be able to pass on to other
+# copies (load of its primaries that have a replica). 0.5 kept held-out max/mean device load <= 1.13 on the
+# shared traces with two spare slots per device (benchmarks/ep_projection.py); affinity alone left 1.3-2.4.
+SHED_SHARE = 0.5
 
 
 def add_replicas(
@@ -69,7 +76,16 @@ def add_replicas(
             if balance is not None:
                 # load term, in pair units: relieve the busiest serving device of expert e
                 overload = np.array([max(dev_load[devs].max() - mean_load, 0.0) for devs in (copies[e] for e in range(num_experts))])
-                gain = np.where(np.isfinite(gain), gain + pairs_per_token * np.minimum(load[layer] / 2, overload)[:, None], gain)
+                # and shedding room: a device whose primaries have no copy elsewhere cannot pass on load when
+                # held-out routing overloads it; the first copy of an expert gives its primary's device room
+                shed = np.zeros(num_devices)
+                for e, devs in copies.items():
+                    if len(devs) > 1:
+                        shed[devs[0]] += load[layer][e]
+                single = np.array([len(copies[e]) == 1 for e in range(num_experts)])
+                wanted = np.maximum(SHED_SHARE * mean_load - shed[assign[layer]], 0.0)
+                relief = np.minimum(load[layer] / 2, overload) + np.where(single, np.minimum(load[layer], wanted), 0.0)
+                gain = np.where(np.isfinite(gain), gain + pairs_per_token * relief[:, None], gain)
             if not np.isfinite(gain).any() or gain.max() <= 0:
                 break  # no copy helps: leave the slots empty
             e_pick, g_pick = np.unravel_index(int(np.argmax(gain)), gain.shape)

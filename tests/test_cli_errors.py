@@ -78,12 +78,35 @@ CASES = [
      "--train-fraction"),
     (["plan-eval", "--plan", "{d}/plan.json", "--trace", "{d}/t.npz"], "plan"),
     (["plan-eval", "--plan", "{d}/missing.json", "--trace", "{d}/t.npz"], "missing.json"),
+    # project
+    (["project", "--trace", "{d}/t.npz"], "give --devices G"),
+    (["project", "--trace", "{d}/t.npz", "--devices", "0"], "--devices must be at least 1"),
+    (["project", "--trace", "{d}/t.npz", "--devices", "2", "--batch", "0"], "--batch must be at least 1"),
+    (["project", "--trace", "{d}/t.npz", "--devices", "2", "--link", "pigeon"], "unknown link 'pigeon'"),
+    (["project", "--trace", "{d}/t.npz", "--devices", "2", "--nodes", "3"], "must divide num_devices"),
+    (["project", "--trace", "{d}/missing.npz", "--devices", "2"], "does not exist"),
+    (["project", "--trace", "{d}/t.npz", "--plan", "{d}/plan.json"], "plan"),
+    (["project", "--trace", "{d}/t.npz", "--devices", "2", "--hidden-size", "0"], "hidden_size"),
     # trace / bench
     (["trace", "--model", "{d}/missing", "--prompt", "x", "--out", "{d}/tr.npz"], "does not exist"),
     (["trace"], "the following arguments are required: --out"),
     (["bench", "--budgets", "0,2"], "budgets"),
     (["bench", "--systems", "warp_drive"], "warp_drive"),
     (["nonsense"], "invalid choice"),
+    # quantize (the default model: H 192, I 128)
+    (["quantize", "--out", "{d}/q", "--bits", "5"], "unsupported bits 5"),
+    (["quantize", "--out", "{d}/q", "--bits", "4", "--group-size", "48"], "unsupported --group-size 48"),
+    (["quantize", "--out", "{d}/q", "--bits", "4", "--group-size", "128"], "group size 128 does not divide"),
+    (["quantize", "--out", "{d}", "--bits", "4"], "already exists and is not empty"),
+    (["quantize", "--model", "{d}/missing", "--out", "{d}/q", "--bits", "4"], "does not exist"),
+    (["quantize", "--model", "{d}/empty", "--out", "{d}/q", "--bits", "4"], "no config.json"),
+    (["quantize", "--out", "{d}/q"], "give --bits"),
+    (["quantize", "--out", "{d}/q", "--allocation", "ilp", "--mean-bits", "3"], "needs --mean-bits B and --calibration"),
+    (["quantize", "--out", "{d}/q", "--allocation", "ilp", "--mean-bits", "9", "--calibration", "{d}/notes.txt"],
+     "between 2 and 8"),
+    (["quantize", "--out", "{d}/q", "--allocation", "ilp", "--mean-bits", "3", "--calibration", "{d}/notes.txt"],
+     "is too small"),
+    (["quantize", "--out", "{d}/q", "--bits", "4", "--copies", "int5"], "unknown format 'int5'"),
 ]
 
 

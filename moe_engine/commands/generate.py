@@ -45,6 +45,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="compute dtype, e.g. float32 or bfloat16 (default: the checkpoint's)")
     p.add_argument("--page-cache", action="store_true", help="let the OS page cache keep expert file pages")
+    p.add_argument("--quality", default="lossless", choices=["lossless", "balanced", "fast"],
+                   help="which stored copy of an expert a load brings, for checkpoints from `moe-engine quantize "
+                   "--copies`: lossless (its own format), balanced (a demand miss loads the smallest copy, a "
+                   "prefetch the own format), fast (always the smallest) (default lossless)")
+    p.add_argument("--guardrail", type=float, default=None, metavar="KL",
+                   help="with --quality balanced/fast: every --guardrail-every decode steps compare the next-token "
+                   "distribution with full-precision experts; above KL (nats) the worst layers go back to full "
+                   "precision (default: off)")
+    p.add_argument("--guardrail-every", type=int, default=16, metavar="N", help="decode steps between guardrail checks (default 16)")
+    p.add_argument("--ep", type=int, default=None, metavar="N",
+                   help="expert parallelism: spawn N local ranks (gloo on CPU, NCCL on GPUs), each serving its "
+                   "experts; see `python -m moe_engine.distributed --help` for torchrun / multi-node")
+    p.add_argument("--plan", default=None, help="with --ep: moe-placement/1 plan from `moe-engine plan` (default: round-robin)")
+    p.add_argument("--ep-mode", default="standard", choices=["standard", "coherent"],
+                   help="with --ep: standard (dispatch + combine, two all-to-alls per MoE layer) or coherent (one)")
 
 
 def _peak_rss_bytes() -> int:
@@ -72,6 +87,8 @@ def run(args: argparse.Namespace) -> int:
         prompt = args.prompt if args.prompt is not None else "Once upon a time"
     if args.max_new_tokens < 1:
         raise ValueError("--max-new-tokens must be at least 1")
+    if args.ep is not None or args.plan is not None:
+        return _run_expert_parallel(args)
     if not args.temperature >= 0:  # also refuses nan
         raise ValueError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
     if prompt is not None and not prompt.strip():
@@ -96,6 +113,9 @@ def run(args: argparse.Namespace) -> int:
         page_cache=args.page_cache,
         progress=True,
         threads=args.threads,
+        quality=args.quality,
+        guardrail=args.guardrail,
+        guardrail_every=args.guardrail_every,
     )
     load_s = time.perf_counter() - t0
     if tokenizer is None:  # a Hub ID, now in the local cache
@@ -127,8 +147,15 @@ def run(args: argparse.Namespace) -> int:
         cache = f"no cache (load on demand), {s.misses} expert loads"
     else:
         slots = f"{s.num_slots} slot{'s' if s.num_slots != 1 else ''}"
+        if model.engine.cache.sized:  # copies of several sizes share the byte budget
+            slots = f"peak {format_bytes(s.peak_resident_bytes)} resident"
         late = f", {s.late_hits} late" if s.late_hits else ""
         cache = f"hit rate {s.hit_rate:.1%}{late} | budget {format_bytes(s.budget_bytes)} ({slots})"
+    if args.quality != "lossless":
+        cache += f" | quality {args.quality}: {s.reduced_loads} reduced loads"
+        if args.guardrail is not None:
+            cache += (f", guardrail {s.guardrail_checks} checks, max KL {s.guardrail_max_kl:.3g}, "
+                      f"{s.guardrail_fallbacks} layers back to full precision")
     sys.stdout.flush()  # the streamed text first, then the stats line on stderr (apart from the text)
     print(
         f"\n[moe-engine] {n_new} tokens in {dt:.2f} s ({n_new / dt:.2f} tok/s, load {load_s:.1f} s) | {cache} | "
@@ -137,6 +164,22 @@ def run(args: argparse.Namespace) -> int:
     )
     model.engine.close()
     return 0
+
+
+def _run_expert_parallel(args: argparse.Namespace) -> int:
+    """``--ep N``: N local ranks of ``python -m moe_engine.distributed`` (greedy only)."""
+    from moe_engine.distributed.launch import spawn_local
+
+    if args.ep is None or args.ep < 1:
+        raise ValueError("--plan needs --ep N (the number of local ranks, equal to the plan's devices)")
+    if args.temperature > 0:
+        raise ValueError("--ep generates greedily; drop --temperature (every rank must pick the same token)")
+    argv = ["--ep-mode", args.ep_mode, "--budget", str(args.budget), "--max-new-tokens", str(args.max_new_tokens)]
+    for flag, value in (("--model", args.model), ("--prompt", args.prompt), ("--plan", args.plan),
+                        ("--device", args.device), ("--dtype", args.dtype), ("--threads", args.threads)):  # fmt: skip
+        if value is not None:
+            argv += [flag, str(value)]
+    return spawn_local(args.ep, argv)
 
 
 def _tokenizer(model_path):
