@@ -95,6 +95,40 @@ def test_bench_cli_end_to_end(tiny_bench_checkpoint: Path, tmp_path: Path,
     assert "accelerate_cold@0.25" in out and "decode" in out
 
 
+def test_bench_quantized_system_and_ep(tiny_bench_checkpoint: Path, tmp_path: Path,
+                                      monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    # int4: the engine on a quantized copy (written once, here under tmp_path), same memory cap as the others.
+    monkeypatch.setenv("MOE_ENGINE_QUANTIZED_DIR", str(tmp_path / "quantized"))
+    rc = main(["bench", "--model", str(tiny_bench_checkpoint), "--systems", "default@0.25,int4@0.25",
+               "--decode-tokens", "2", "--prompt-tokens", "8", "--threads", "1", "--memory-cap", "none",
+               "--out", str(tmp_path)])
+    assert rc == 0
+    report = json.loads((tmp_path / "bench_tiny.json").read_text())
+    results = {r["label"]: r for r in report["results"]}
+    assert results["int4@0.25"]["status"] == "ok", results["int4@0.25"]["error"]
+    assert list((tmp_path / "quantized").iterdir())  # the copy went where it was told, not into the repo
+    q, d = results["int4@0.25"]["engine_stats"], results["default@0.25"]["engine_stats"]
+    assert 0 < q["peak_resident_bytes"] <= 0.25 * report["model"]["expert_bytes"]
+    assert q["bytes_moved"] < d["bytes_moved"]  # the same accesses move fewer bytes at 4.5 bits
+    # --ep: the expert-parallel counters next to single-process, from real gloo ranks.
+    assert main(["bench", "--model", str(tiny_bench_checkpoint), "--ep", "2", "--out", str(tmp_path)]) == 2
+    assert "no usable tokenizer" in capsys.readouterr().err  # refused before any rank starts
+    rc = main(["bench", "--ep", "2", "--ep-text", str(_text(tmp_path)), "--ep-tokens", "64", "--out", str(tmp_path)])
+    assert rc == 0
+    ep = json.loads((tmp_path / "bench_ep2_default.json").read_text())
+    assert ep["world_size"] == 2 and ep["single_process_seconds"] > 0
+    modes = {(r["mode"], r["regroup"]): r for r in ep["results"]}
+    assert modes[("standard", False)]["a2a_calls_per_token"] == 2 * modes[("coherent", False)]["a2a_calls_per_token"]
+    assert all(r["cross_device_share"] == pytest.approx(r["plan_eval_cross_device_share"]) for r in ep["results"])
+    assert "coherent" in capsys.readouterr().out
+
+
+def _text(tmp_path: Path) -> Path:
+    p = tmp_path / "ep.txt"
+    p.write_text(" ".join(f"word{i % 37}" for i in range(400)))
+    return p
+
+
 def test_a_run_past_its_timeout_is_reported_as_timed_out(tiny_bench_checkpoint: Path) -> None:
     settings = BenchSettings(model_path=str(tiny_bench_checkpoint), model_name="tiny", systems=("lru@0.5",),
                              decode_tokens=2, prompt_tokens=4, timeout_s=0.3, threads=1)

@@ -107,6 +107,12 @@ CASES = [
     (["quantize", "--out", "{d}/q", "--allocation", "ilp", "--mean-bits", "3", "--calibration", "{d}/notes.txt"],
      "is too small"),
     (["quantize", "--out", "{d}/q", "--bits", "4", "--copies", "int5"], "unknown format 'int5'"),
+    (["quantize", "--out", "{d}/q", "--bits", "16"], "give --copies"),
+    (["generate", "--quality", "fast", "--max-new-tokens", "2"], "lower-precision copies"),
+    (["generate", "--quality", "fast", "--guardrail", "0", "--max-new-tokens", "2"], "KL bound"),
+    (["generate", "--guardrail", "0.1", "--max-new-tokens", "2"], "balanced' or 'fast"),
+    (["bench", "--ep", "1"], "needs N >= 2"),
+    (["bench", "--ep", "2", "--plan", "{d}/missing.json"], "no such file"),
 ]
 
 

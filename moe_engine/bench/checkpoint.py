@@ -250,7 +250,8 @@ def ensure_checkpoint(path: str | os.PathLike = DEFAULT_LARGE_DIR, spec: Checkpo
 
 # Quantized systems of the bench: the format each one loads (a uniform copy of the benchmarked checkpoint).
 QUANTIZED_SYSTEMS = {"int8": "int8", "int4": "int4-g64"}
-QUANTIZED_ROOT = Path("~/.cache/moe-engine/bench/quantized")
+# Where the quantized copies go (outside the source tree); MOE_ENGINE_QUANTIZED_DIR overrides it.
+QUANTIZED_ROOT = Path(os.environ.get("MOE_ENGINE_QUANTIZED_DIR", "~/.cache/moe-engine/bench/quantized"))
 
 
 def _source_stamp(model_path: Path) -> dict:
@@ -258,7 +259,7 @@ def _source_stamp(model_path: Path) -> dict:
     return {"source": str(model_path.resolve()), "files": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]}
 
 
-def ensure_quantized(model_path: str | os.PathLike, fmt: str, root: str | os.PathLike = QUANTIZED_ROOT,
+def ensure_quantized(model_path: str | os.PathLike, fmt: str, root: str | os.PathLike | None = None,
                      *, progress: bool = True) -> Path:
     """A copy of ``model_path`` with every expert in ``fmt`` (``moe_engine.quant``), written once under
     ``root`` (outside the source tree) and rewritten when the source's files change."""
@@ -269,6 +270,8 @@ def ensure_quantized(model_path: str | os.PathLike, fmt: str, root: str | os.Pat
     src = Path(model_path).expanduser()
     stamp = _source_stamp(src)
     digest = hashlib.sha1(json.dumps(stamp, sort_keys=True).encode()).hexdigest()[:12]
+    if root is None:
+        root = os.environ.get("MOE_ENGINE_QUANTIZED_DIR") or QUANTIZED_ROOT
     out = Path(root).expanduser() / f"{src.name}-{digest}-{fmt}"
     if (out / "config.json").exists():
         return out

@@ -110,6 +110,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="rounds over all systems, interleaved (A B C, A B C, ...); each system is "
                              "reported by its median-speed run, every round's speeds are kept in the JSON "
                              "(default: %(default)s)")
+    parser.add_argument("--ep", type=int, default=None, metavar="N",
+                        help="instead of the systems: expert parallelism on N local gloo ranks "
+                             "(python -m moe_engine.distributed.evaluate): bytes on the wire, all-to-all calls "
+                             "and cross-rank tokens per token, comm vs compute time per rank, standard vs "
+                             "coherent mode, with and without regrouping, next to single-process")
+    parser.add_argument("--plan", default=None, metavar="PLAN",
+                        help="with --ep: a moe-placement/1 plan for N devices (round-robin always runs)")
+    parser.add_argument("--ep-text", default=None, metavar="FILE",
+                        help="with --ep: UTF-8 text to run (default: text decoded from the fixed prompt ids)")
+    parser.add_argument("--ep-tokens", type=int, default=1024, metavar="N",
+                        help="with --ep: tokens of the text to run (default: %(default)s)")
     parser.add_argument("--out", default=str(DEFAULT_RESULTS_DIR), metavar="DIR",
                         help="folder for bench_<model>.json and (with matplotlib) .png (default: %(default)s, outside the "
                              "source tree so the committed benchmarks/results/ is never overwritten; pass "
@@ -168,6 +179,8 @@ def run(args: argparse.Namespace) -> int:
                   "page cache is not bounded", file=sys.stderr)
         memory_cap = "cgroup" if backend is not None else "none"
     path, name = _resolve_model(args)
+    if args.ep is not None or args.plan is not None or args.ep_text is not None:
+        return _run_ep(args, path, name)
     settings = BenchSettings(
         model_path=str(path), model_name=name, systems=tuple(r.label for r in runs), ref_budget=args.ref_budget,
         prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens, seed=args.seed,
@@ -182,4 +195,57 @@ def run(args: argparse.Namespace) -> int:
     json_path, png_path = write_report(report, args.out)
     print(format_table(report))
     print(f"\nwrote {json_path}" + (f" and {png_path}" if png_path is not None else ""))
+    return 0
+
+
+def _run_ep(args: argparse.Namespace, path: Path, name: str) -> int:
+    """``--ep N``: the expert-parallel measurement (``moe_engine.distributed.evaluate``), one table."""
+    import json
+    import tempfile
+
+    from moe_engine.cli import UserError
+
+    if args.ep is None or args.ep < 2:
+        raise UserError("--ep N needs N >= 2 ranks (--plan and --ep-text go with --ep)")
+    if args.ep_tokens < 1:
+        raise UserError("--ep-tokens must be at least 1")
+    if args.ep_text is not None and not Path(args.ep_text).is_file():
+        raise UserError(f"--ep-text {args.ep_text}: no such file")
+    if args.plan is not None and not Path(args.plan).is_file():
+        raise UserError(f"--plan {args.plan}: no such file; make one with `moe-engine plan`")
+    from moe_engine.distributed import evaluate
+
+    out_dir = Path(args.out).expanduser()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / f"bench_ep{args.ep}_{name}.json"
+    from transformers import AutoTokenizer
+
+    try:  # every rank tokenizes the text: check once here, before any process starts
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"--ep runs text through the model, but {path} has no usable tokenizer ({exc})") from None
+    with tempfile.TemporaryDirectory() as tmp:
+        text = args.ep_text
+        if text is None:
+            from moe_engine.bench.probes import prompt_ids
+
+            ids = (prompt_ids(path, args.prompt_tokens, args.seed) * (args.ep_tokens // args.prompt_tokens + 1))
+            text = str(Path(tmp) / "ep.txt")
+            Path(text).write_text(tok.decode(ids[: args.ep_tokens]))
+        argv = ["--text", text, "--model", str(path), "--ep", str(args.ep), "--max-tokens", str(args.ep_tokens),
+                "--out", str(out)]
+        if args.plan:
+            argv += ["--plan", args.plan]
+        evaluate.main(argv)
+    report = json.loads(out.read_text())
+    print(f"expert parallelism, {report['world_size']} ranks, {report['tokens']} tokens "
+          f"(single process: {report['single_process_seconds']:.2f} s)")
+    print(f"{'layout':<12} {'mode':<9} {'regroup':>7} {'bytes/tok':>10} {'a2a/tok':>8} {'msgs/tok':>8} "
+          f"{'x-rank':>7} {'plan-eval':>9} {'comm s':>7} {'compute s':>9} {'wall s':>7}")
+    for r in report["results"]:
+        print(f"{r['layout']:<12} {r['mode']:<9} {str(r['regroup']):>7} {r['bytes_per_token']:>10.0f} "
+              f"{r['a2a_calls_per_token']:>8.4f} {r['messages_per_token']:>8.3f} {r['cross_device_share']:>7.3f} "
+              f"{r['plan_eval_cross_device_share']:>9.3f} {r['comm_seconds_max']:>7.2f} {r['compute_seconds_max']:>9.2f} "
+              f"{r['seconds']:>7.2f}")
+    print(f"\nwrote {out}")
     return 0

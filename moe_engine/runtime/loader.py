@@ -481,7 +481,7 @@ def from_pretrained(
             raise ValueError(
                 f"quality={quality!r} loads lower-precision copies of the experts, which {path} does not have; "
                 "write a checkpoint with them first, e.g. `moe-engine quantize --model PATH --out DIR --bits 16 "
-                "--copies 4` (each expert at its stored precision plus an int4 copy), then load DIR"
+                "--copies int4-g64` (each expert at its stored precision plus an int4 copy), then load DIR"
             )
         if sizing is not None and (not sizing.uniform or quality != "lossless"):
             expert_bytes = sizing.max_bytes  # the largest copy a load may bring: the budget must hold one
