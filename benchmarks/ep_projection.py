@@ -30,6 +30,7 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
+from moe_engine.benchmarks.placement_eval import pool  # noqa: E402
 from moe_engine.placement import PlacementPlan, PlannerConfig, evaluate_plan, plan_placement, round_robin_plan  # noqa: E402
 from moe_engine.placement.affinity import select_rows  # noqa: E402
 from moe_engine.placement.projection import LINK_PRESETS, LinkModel, project_variants  # noqa: E402
@@ -59,15 +60,6 @@ def halves(ids: np.ndarray, starts: np.ndarray):
     cut = max(1, n // 2)
     fit_rows, test_rows = select_rows(starts, range(cut)), select_rows(starts, range(cut, n))
     return (ids[fit_rows], starts[: cut + 1]), (ids[test_rows], starts[cut:] - starts[cut])
-
-
-def pool(parts):
-    """Concatenate (ids, starts) parts: ids, starts and the part index of every sequence."""
-    ids = np.concatenate([p[0] for p in parts])
-    offsets = np.cumsum([0] + [len(p[0]) for p in parts])
-    starts = np.concatenate([[0]] + [p[1][1:] + o for p, o in zip(parts, offsets)])
-    groups = np.concatenate([np.full(len(p[1]) - 1, i) for i, p in enumerate(parts)])
-    return ids, starts, groups
 
 
 def variants_json(rows) -> dict:

@@ -45,6 +45,20 @@ class UserError(Exception):
     """Bad input from the user: printed as ``error: <message>`` with exit code 2, no traceback."""
 
 
+def model_path_arg(model: str | None):
+    """``--model``: the given checkpoint folder (UserError if missing), or the embedded default model."""
+    from pathlib import Path
+
+    if model is None:
+        from moe_engine.default_model import default_model_path
+
+        return default_model_path()
+    path = Path(model)
+    if not path.exists():
+        raise UserError(f"--model {path} does not exist")
+    return path
+
+
 def _available_commands() -> list:
     mods = []
     for name in COMMANDS:

@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     import sys
     from pathlib import Path
 
-    from moe_engine.cli import UserError
+    from moe_engine.cli import UserError, model_path_arg
     from moe_engine.quant.allocation import (
         candidate_formats,
         format_for_bits,
@@ -101,14 +101,7 @@ def run(args: argparse.Namespace) -> int:
     )
     from moe_engine.quant.formats import available_formats
 
-    if args.model is None:
-        from moe_engine.default_model import default_model_path
-
-        model_path = default_model_path()
-    else:
-        model_path = Path(args.model)
-        if not model_path.exists():
-            raise UserError(f"--model {model_path} does not exist")
+    model_path = model_path_arg(args.model)
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--out {out} already exists and is not empty; choose a new folder or remove it")

@@ -51,17 +51,10 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from moe_engine.cli import UserError
+    from moe_engine.cli import UserError, model_path_arg
     from moe_engine.offline.trace_recorder import record_trace, split_into_sequences
 
-    if args.model is None:
-        from moe_engine.default_model import default_model_path
-
-        model_path = default_model_path()
-    else:
-        model_path = Path(args.model)
-        if not model_path.exists():
-            raise UserError(f"--model {model_path} does not exist")
+    model_path = model_path_arg(args.model)
     if args.seq_len < 1:
         raise UserError("--seq-len must be at least 1")
     if args.max_tokens < 0:

@@ -659,18 +659,8 @@ class CheckpointStore:
             offset += numel
         assert offset == slot.numel(), (offset, slot.numel())
         direct = [(p, d) for p, d in dests if p.scale is None and p.dtype == slot.dtype and d.is_contiguous()]
-        direct.sort(key=lambda pd: (str(pd[0].file), pd[0].offset))
-        runs: list[list[tuple[TensorLocation, torch.Tensor]]] = []
-        for p, d in direct:  # group byte-adjacent parts into runs, one preadv each
-            last = runs[-1][-1][0] if runs else None
-            if last is not None and p.file == last.file and p.offset == last.offset + last.nbytes:
-                runs[-1].append((p, d))
-            else:
-                runs.append([(p, d)])
         with self._reading(self._files_of(list(loc.parts))):
-            for run in runs:
-                views = [memoryview(d.view(torch.uint8).numpy()) for _, d in run]  # type: ignore[arg-type]
-                self._pread_full(run[0][0].file, views, run[0][0].offset)
+            self._read_runs(direct)
             for p, d in dests:
                 if p.scale is not None or p.dtype != slot.dtype or not d.is_contiguous():
                     d.copy_(self._read_value(p, slot.dtype).reshape(-1))
@@ -680,21 +670,27 @@ class CheckpointStore:
         assert loc.offsets is not None
         if slot.dtype != torch.uint8 or slot.dim() != 1 or not slot.is_contiguous():
             raise ValueError(f"a quantized expert is read into a flat uint8 slot, got {slot.dtype} {tuple(slot.shape)}")
-        order = sorted(zip(loc.parts, loc.offsets), key=lambda po: (str(po[0].file), po[0].offset))
-        runs: list[list[tuple[TensorLocation, torch.Tensor]]] = []
-        for p, off in order:
+        dests = []
+        for p, off in zip(loc.parts, loc.offsets):
             if off + p.nbytes > slot.numel():
                 raise ValueError(f"quantized part of {p.nbytes} bytes at {off} overflows a {slot.numel()}-byte slot")
-            d = slot[off : off + p.nbytes]
+            dests.append((p, slot[off : off + p.nbytes]))
+        with self._reading(self._files_of(list(loc.parts))):
+            self._read_runs(dests)
+
+    def _read_runs(self, dests: list[tuple[TensorLocation, torch.Tensor]]) -> None:
+        """Read each part's stored bytes into its destination view; parts byte-adjacent in one file are
+        read with one scatter ``preadv`` (the caller holds ``_reading``)."""
+        runs: list[list[tuple[TensorLocation, torch.Tensor]]] = []
+        for p, d in sorted(dests, key=lambda pd: (str(pd[0].file), pd[0].offset)):
             last = runs[-1][-1][0] if runs else None
             if last is not None and p.file == last.file and p.offset == last.offset + last.nbytes:
                 runs[-1].append((p, d))
             else:
                 runs.append([(p, d)])
-        with self._reading(self._files_of(list(loc.parts))):
-            for run in runs:
-                views = [memoryview(d.numpy()) for _, d in run]  # type: ignore[arg-type]
-                self._pread_full(run[0][0].file, views, run[0][0].offset)
+        for run in runs:
+            views = [memoryview(d.view(torch.uint8).numpy()) for _, d in run]  # type: ignore[arg-type]
+            self._pread_full(run[0][0].file, views, run[0][0].offset)
 
     def drop_page_cache(self) -> None:
         """Ask the OS to drop every checkpoint file's cached pages (benchmarks: a cold start)."""
