@@ -121,6 +121,9 @@ class ExpertCache:
         if self.sized:
             core.on_free = self._drop_buffer
         self.locate_variant = locate_variant
+        # slot -> (key, its views): unpacking a quantized slot builds several views, so the views of a slot
+        # are kept until the next copy into it (``_submit``) or its buffer is dropped.
+        self._views: dict[int, tuple[ExpertKey, tuple[Any, Any]]] = {}
         self.mover = mover
         self.locate = locate
         self.retries = retries  # a failed copy is read again this many times before the error is raised
@@ -132,13 +135,20 @@ class ExpertCache:
     def views(self, slot: int, key: ExpertKey) -> tuple[Any, Any]:
         """(gate_up [2I, H], down [H, I]) views of a slot holding ``key``: tensors, or for a quantized
         model the ``moe_engine.quant.QTensor`` packed forms."""
+        cached = self._views.get(slot)
+        if cached is not None and cached[0] == key:  # unchanged since the last copy into the slot
+            return cached[1]
         if not self.sized:
-            return self.layout.views(self.slots[slot], key)
-        buf = self.buffers[slot]
-        assert buf is not None, f"slot {slot} of {key} has no buffer"
-        return self.layout.views(buf, key, self.core.variant_of(key))
+            views = self.layout.views(self.slots[slot], key)
+        else:
+            buf = self.buffers[slot]
+            assert buf is not None, f"slot {slot} of {key} has no buffer"
+            views = self.layout.views(buf, key, self.core.variant_of(key))
+        self._views[slot] = (key, views)
+        return views
 
     def _drop_buffer(self, slot: int) -> None:
+        self._views.pop(slot, None)
         if slot < len(self.buffers):
             self.buffers[slot] = None
 
@@ -158,6 +168,7 @@ class ExpertCache:
         """Drop every slot (the model was closed)."""
         self.slots = torch.empty(0, dtype=self.slots.dtype, device=self.slots.device)
         self.buffers = [None] * len(self.buffers)
+        self._views.clear()
 
     def resident(self, key: ExpertKey) -> bool:
         return key in self.core
@@ -177,6 +188,7 @@ class ExpertCache:
 
     def _submit(self, load: Load) -> None:
         with deferred_interrupts():
+            self._views.pop(load.slot, None)
             prev = self.tickets.get(load.slot)
             variant = self.core.variant_of(load.key) if self.sized else 0
             loc = self.locate(load.key) if variant == 0 or self.locate_variant is None else self.locate_variant(load.key, variant)
