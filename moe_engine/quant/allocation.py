@@ -433,7 +433,9 @@ def solve_allocation(imp: Importance, budget: int, *, solver: str = "auto", time
     t0 = time.perf_counter()
     with _native_stdout_to_stderr():  # HiGHS prints its banner on the C stdout even with msg=False
         if name == "highs":
-            status = prob.solve(pulp.HiGHS(msg=False, timeLimit=time_limit, threads=1))
+            # No threads option: HiGHS sizes one thread pool per process at its first solve and refuses a
+            # later solve asking for another size (e.g. after a placement ILP), reporting "Not Solved".
+            status = prob.solve(pulp.HiGHS(msg=False, timeLimit=time_limit))
         else:
             status = prob.solve(pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit, threads=1))
     seconds = time.perf_counter() - t0
