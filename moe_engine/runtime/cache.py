@@ -43,6 +43,9 @@ class DenseLayout:
         self.intermediate, self.hidden, self.dtype = intermediate, hidden, dtype
         self.numel = 3 * intermediate * hidden
 
+    def nbytes(self, key: ExpertKey, variant: int = 0) -> int:
+        return self.numel * self.dtype.itemsize
+
     def views(self, buf: torch.Tensor, key: ExpertKey, variant: int = 0) -> tuple[Any, Any]:
         i, h = self.intermediate, self.hidden
         return buf[: 2 * i * h].view(2 * i, h), buf[2 * i * h :].view(h, i)

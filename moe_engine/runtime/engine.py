@@ -237,7 +237,7 @@ class Engine:
         """One copy of an expert read straight from the store into a fresh buffer (no residency change)."""
         cache = self.cache
         loc = cache.locate(key) if variant == 0 or cache.locate_variant is None else cache.locate_variant(key, variant)
-        nbytes = cache.layout.nbytes(key, variant) if hasattr(cache.layout, "nbytes") else cache.expert_bytes
+        nbytes = cache.layout.nbytes(key, variant)
         buf = torch.empty(nbytes // cache.layout.dtype.itemsize, dtype=cache.layout.dtype)
         self.store.read_expert_into(loc, buf)
         if self.device.type != "cpu":
