@@ -99,7 +99,7 @@ def test_bench_quantized_system_and_ep(tiny_bench_checkpoint: Path, tmp_path: Pa
                                       monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     # int4: the engine on a quantized copy (written once, here under tmp_path), same memory cap as the others.
     monkeypatch.setenv("MOE_ENGINE_QUANTIZED_DIR", str(tmp_path / "quantized"))
-    rc = main(["bench", "--model", str(tiny_bench_checkpoint), "--systems", "default@0.25,int4@0.25",
+    rc = main(["bench", "--model", str(tiny_bench_checkpoint), "--systems", "default@0.25,int4@0.25,fast@0.25",
                "--decode-tokens", "2", "--prompt-tokens", "8", "--threads", "1", "--memory-cap", "none",
                "--out", str(tmp_path)])
     assert rc == 0
@@ -110,6 +110,11 @@ def test_bench_quantized_system_and_ep(tiny_bench_checkpoint: Path, tmp_path: Pa
     q, d = results["int4@0.25"]["engine_stats"], results["default@0.25"]["engine_stats"]
     assert 0 < q["peak_resident_bytes"] <= 0.25 * report["model"]["expert_bytes"]
     assert q["bytes_moved"] < d["bytes_moved"]  # the same accesses move fewer bytes at 4.5 bits
+    # fast: stored precision plus an int4 copy per expert, quality="fast": every miss loads the copy.
+    f = results["fast@0.25"]["engine_stats"]
+    assert results["fast@0.25"]["status"] == "ok", results["fast@0.25"]["error"]
+    assert f["reduced_loads"] == f["misses"] + f["prefetches"] > 0
+    assert 0 < f["peak_resident_bytes"] <= 0.25 * report["model"]["expert_bytes"]
     # --ep: the expert-parallel counters next to single-process, from real gloo ranks.
     assert main(["bench", "--model", str(tiny_bench_checkpoint), "--ep", "2", "--out", str(tmp_path)]) == 2
     assert "no usable tokenizer" in capsys.readouterr().err  # refused before any rank starts

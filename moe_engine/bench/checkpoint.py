@@ -249,7 +249,9 @@ def ensure_checkpoint(path: str | os.PathLike = DEFAULT_LARGE_DIR, spec: Checkpo
 
 
 # Quantized systems of the bench: the format each one loads (a uniform copy of the benchmarked checkpoint).
-QUANTIZED_SYSTEMS = {"int8": "int8", "int4": "int4-g64"}
+# System -> what its checkpoint holds: one format for every expert, or "stored+COPY": each expert at its
+# stored precision plus a lower-precision copy (the per-miss quality setting chooses; "fast" loads copies).
+QUANTIZED_SYSTEMS = {"int8": "int8", "int4": "int4-g64", "fast": "stored+int4-g64"}
 # Where the quantized copies go (outside the source tree); MOE_ENGINE_QUANTIZED_DIR overrides it.
 QUANTIZED_ROOT = Path(os.environ.get("MOE_ENGINE_QUANTIZED_DIR", "~/.cache/moe-engine/bench/quantized"))
 
@@ -282,8 +284,15 @@ def ensure_quantized(model_path: str | os.PathLike, fmt: str, root: str | os.Pat
             if out.exists():
                 shutil.rmtree(out)
             with open_source(src) as source:
-                write_quantized_checkpoint(source, out, uniform_formats(source, fmt),
-                                           allocation={"method": "uniform", "format": fmt}, progress=progress)
+                own, _, copy = fmt.partition("+")
+                if copy:  # stored precision plus a copy per expert
+                    own = {"torch.bfloat16": "bf16", "torch.float16": "fp16", "torch.float32": "fp32"}[str(source.dtype)]
+                    copies = [[[copy] for _ in range(source.num_experts)] for _ in range(source.num_layers)]
+                    write_quantized_checkpoint(source, out, uniform_formats(source, own), copies=copies,
+                                               allocation={"method": "copies", "copy": copy}, progress=progress)
+                else:
+                    write_quantized_checkpoint(source, out, uniform_formats(source, fmt),
+                                               allocation={"method": "uniform", "format": fmt}, progress=progress)
     return out
 
 

@@ -118,7 +118,7 @@ def plot(report: dict, png_path: str | os.PathLike) -> Path:
 
     fig, (ax_speed, ax_mem) = plt.subplots(1, 2, figsize=(12, 4.5))
     style = {"lru": ("o", "C0"), "prefetch": ("s", "C1"), "default": ("*", "C6"), "ondemand": ("^", "C2"),
-             "int8": ("x", "C7"), "int4": ("X", "C8"), "accelerate": ("D", "C3"),
+             "int8": ("x", "C7"), "int4": ("X", "C8"), "fast": ("h", "C9"), "accelerate": ("D", "C3"),
              "accelerate_plain": ("P", "C5"), "accelerate_cold": ("v", "C4")}
     capped = (report.get("memory_cap") or {}).get("mode") == "cgroup"
     budgets: set[float] = set()

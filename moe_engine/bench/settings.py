@@ -17,10 +17,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-SYSTEMS = ("lru", "prefetch", "default", "ondemand", "int8", "int4", "accelerate", "accelerate_plain", "accelerate_cold")
+SYSTEMS = ("lru", "prefetch", "default", "ondemand", "int8", "int4", "fast", "accelerate", "accelerate_plain", "accelerate_cold")
 # The engine as it ships on a copy of the checkpoint with every expert quantized (moe_engine.quant): the
 # budget stays a fraction of the *stored* expert bytes, so every system runs under the same memory cap.
-QUANTIZED = ("int8", "int4")
+QUANTIZED = ("int8", "int4", "fast")
 BASELINES = ("accelerate", "accelerate_plain", "accelerate_cold")
 UNCAPPED = ("accelerate_plain",)  # never under the memory cap (a reference)
 MEMORY_CAPS = ("none", "cgroup")

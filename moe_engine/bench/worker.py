@@ -74,7 +74,8 @@ def _load(run: SystemRun, model_path: str, offload_dir: Path, emit: Emit) -> Any
         stored = checkpoint_bytes(model_path).expert_bytes
         path = ensure_quantized(model_path, QUANTIZED_SYSTEMS[run.system], progress=False)  # made by the runner
         return moe_engine.from_pretrained(path, budget=int(run.budget * stored), policy=DEFAULT_POLICY,
-                                          device="cpu", threads=torch.get_num_threads(), progress=True)
+                                          device="cpu", threads=torch.get_num_threads(), progress=True,
+                                          quality="fast" if run.system == "fast" else "lossless")
     policy, predictor = {
         "lru": ("lru", None),
         "prefetch": ("lru", "cross_layer_gate"),

@@ -23,6 +23,8 @@ Systems (--systems):
               (int8 per channel; int4 group 64), made once with moe_engine.quant under
               ~/.cache/moe-engine/bench/quantized; lossy (see `moe-engine quantize` for the quality
               cost). The budget stays a fraction of the stored expert bytes: the same memory cap
+  fast        the engine on a copy holding each expert at its stored precision plus an int4-g64 copy,
+              from_pretrained(quality="fast"): every miss loads the int4 copy (lossy, per-miss choice)
   accelerate  Hugging Face accelerate offloading, what a user would try first:
               from_pretrained(device_map="auto", max_memory={"cpu": M}, offload_folder=...),
               M = non-expert bytes + budget x expert bytes (the same memory the engine gets).

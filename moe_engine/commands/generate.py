@@ -45,6 +45,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="compute dtype, e.g. float32 or bfloat16 (default: the checkpoint's)")
     p.add_argument("--page-cache", action="store_true", help="let the OS page cache keep expert file pages")
+    p.add_argument("--prefill-policy", default="stream", choices=["stream", "shared"],
+                   help="how the prompt's forward pass uses the cache: stream (read the next layer ahead, "
+                        "keep the decode working set; default) or shared (cached like a decode step)")
     p.add_argument("--quality", default="lossless", choices=["lossless", "balanced", "fast"],
                    help="which stored copy of an expert a load brings, for checkpoints from `moe-engine quantize "
                    "--copies`: lossless (its own format), balanced (a demand miss loads the smallest copy, a "
@@ -111,6 +114,7 @@ def run(args: argparse.Namespace) -> int:
         predictor=predictor,
         prefetch_distance=args.prefetch_distance,
         page_cache=args.page_cache,
+        prefill_policy=args.prefill_policy,
         progress=True,
         threads=args.threads,
         quality=args.quality,

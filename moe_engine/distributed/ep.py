@@ -374,6 +374,7 @@ class ExpertParallel:
                 from moe_engine.runtime.engine import ModelClosedError
 
                 raise ModelClosedError("this moe-engine model was closed; load it again to use it")
+            engine.stream_layer(layer)  # a prefill's loads leave this rank's decode working set alone
             for e, gate_up, down in engine.cache.iter_experts(layer, plan.experts):
                 plan.compute(e, gate_up, down)
         dtype = torch.promote_types(rows.dtype, weights.dtype)

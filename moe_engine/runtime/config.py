@@ -25,6 +25,7 @@ _UNITS = {
 }  # fmt: skip
 
 BudgetSpec = int | float | str
+PREFILL_POLICIES = ("stream", "shared")
 
 
 def parse_budget(spec: BudgetSpec) -> int | float:
@@ -110,6 +111,10 @@ class EngineConfig:
     * ``prefetch_min_prob``: prefetch only experts whose predicted probability reaches this.
     * ``page_cache``: allow the OS page cache to keep expert file pages (default off, so the budget is real).
     * ``io_threads``: slow-tier reader threads (CPU mover).
+    * ``prefill_policy``: ``"stream"`` (a prefill streams its experts without evicting more than
+      ``prefill_window`` of the slots, and reads the next layer ahead; ``moe_engine.runtime.engine``) or
+      ``"shared"`` (a prefill is cached like a decode step).
+    * ``prefill_window``: fraction of the slots a prefill may take from the decode working set.
     * ``host_tier``: on CUDA, ``"auto"`` (pinned host arena when it fits RAM, nothing pinned when every
       expert fits the budget, else disk), ``"pinned"`` or ``"disk"`` (``moe_engine.runtime.host_tier``).
     """
@@ -123,6 +128,8 @@ class EngineConfig:
     page_cache: bool = False
     io_threads: int = 2
     host_tier: str = "auto"
+    prefill_policy: str = "stream"
+    prefill_window: float = 0.25
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "budget", parse_budget(self.budget))
@@ -134,6 +141,10 @@ class EngineConfig:
             raise ValueError(f"prefetch_min_prob must be in [0, 1], got {self.prefetch_min_prob}")
         if self.io_threads < 1:
             raise ValueError("io_threads must be >= 1")
+        if self.prefill_policy not in PREFILL_POLICIES:
+            raise ValueError(f"prefill_policy must be one of {', '.join(PREFILL_POLICIES)}, got {self.prefill_policy!r}")
+        if not 0.0 < self.prefill_window <= 1.0:
+            raise ValueError(f"prefill_window is a fraction of the slots in (0, 1], got {self.prefill_window}")
         if self.host_tier not in ("auto", "pinned", "disk"):
             raise ValueError(f"host_tier must be 'auto', 'pinned' or 'disk', got {self.host_tier!r}")
         if self.policy == "none" and self.predictor is not None:

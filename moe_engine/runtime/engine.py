@@ -7,6 +7,15 @@ them to ``Engine.experts_forward``, which asks the predictor about the next laye
 then computes every routed expert as the cache yields it (resident ones first) and sums the outputs in
 expert order, exactly as the stock module does, so results are bit-identical whatever the load order.
 
+Prefill and decode have separate expert policies (``EngineConfig.prefill_policy``): a forward pass
+with more than one new position per sequence is a *prefill* (the loader's hook on the decoder says so,
+per calling thread; ``Engine.prefill()`` sets it by hand). With ``"stream"`` (the default) a prefill
+streams its experts through the residency core's streaming mode: loads are the first victims
+afterwards, hits do not reorder the decode working set, at most ``prefill_window`` decode entries are
+displaced, and the next layer's experts are read ahead (the predictor's union over the tokens, or all
+of them when the batch routes at least 4 tokens per expert) as this layer's computes free room.
+``"shared"``: a prefill is treated like any decode step.
+
 Example::
 
     model = moe_engine.from_pretrained(path, budget=0.25)
@@ -16,6 +25,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 import time
@@ -44,6 +54,10 @@ class MoELayerInfo:
     decoder_layer: int
     num_experts: int
     top_k: int
+
+
+# A prefill reads ahead the next layer's experts that at least one token needs with this probability.
+STREAM_MIN_PROB = 0.05
 
 
 class ModelClosedError(RuntimeError):
@@ -111,6 +125,7 @@ class Engine:
         self.reference: dict[int, float] | None = None
         self._history: torch.Tensor | None = None  # [T, L, K] experts chosen so far in this forward pass
         self._history_len = 0
+        self._phase = threading.local()  # .prefill: the calling thread's forward pass is a prefill
         # Dropping the last reference to the engine (the model) stops its threads and closes its files;
         # the finalizer holds no reference to the engine, the cache or the slots.
         self._finalizer = weakref.finalize(self, _shutdown, mover, store)
@@ -156,29 +171,92 @@ class Engine:
             self.cache.free_memory()
             self.cache.tickets.clear()
 
+    # ------------------------------------------------------------------ prefill vs decode
+    @contextlib.contextmanager
+    def prefill(self, on: bool = True):
+        """Within this context the calling thread's forward passes are prefills (``on``) or decode steps,
+        whatever their shape (otherwise the loader's hook on the decoder decides for each forward pass:
+        a prefill has more than one new position per sequence)."""
+        old = getattr(self._phase, "forced", None)
+        self._phase.forced = on
+        try:
+            yield
+        finally:
+            self._phase.forced = old
+
+    def mark_forward(self, new_positions: int) -> None:
+        """The calling thread starts a forward pass with ``new_positions`` positions per sequence."""
+        self._phase.prefill = new_positions > 1
+
+    def _is_prefill(self) -> bool:
+        forced = getattr(self._phase, "forced", None)
+        return forced if forced is not None else getattr(self._phase, "prefill", False)
+
+    def stream_layer(self, layer: int) -> bool:
+        """Put the core in streaming mode for this layer when the calling thread runs a prefill."""
+        on = self.config.prefill_policy == "stream" and self._is_prefill()
+        if on or self.core.streaming:
+            window = max(1, int(self.config.prefill_window * self.core.num_slots))
+            self.core.set_streaming(on, window=window, new_pass=layer == 0)
+        return on
+
+    def _read_ahead(self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor) -> list[Load]:
+        """Streaming: the next layer's experts, ascending (its compute order), for the core to read ahead:
+        the predictor's union over the tokens (probability >= ``STREAM_MIN_PROB``), or every expert of
+        the layer when there is no predictor and the batch routes at least 4 tokens per expert."""
+        target = layer + 1
+        info = self.layers[target]
+        if self.predictor is not None:
+            keys = self._predicted(layer, hidden, top_k_index, target)
+        elif top_k_index.numel() >= 4 * info.num_experts:
+            keys = [(target, e) for e in range(info.num_experts)]
+        else:
+            keys = []
+        self.core.stream_ahead(keys)
+        return []
+
+    def _predicted(self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor, target: int) -> list[ExpertKey]:
+        t0 = time.perf_counter()
+        try:
+            ctx = self._context(layer, hidden, top_k_index)
+            if ctx is None:
+                return []
+            scores = self.predictor.scores(ctx, target - layer)
+            probs = prediction_probs(scores.detach().float().cpu().numpy(), self.layers[target].top_k)
+            p = 1.0 - (1.0 - probs.astype("float64")).prod(axis=0)
+            return [(target, int(e)) for e in (p >= STREAM_MIN_PROB).nonzero()[0].tolist()]
+        finally:
+            self.core.predict_seconds += time.perf_counter() - t0
+
     # ------------------------------------------------------------------ prefetch
+    def _context(self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor):
+        """The predictor's view of this forward pass at ``layer`` (None when the history was broken)."""
+        from moe_engine.predictors.base import PredictionContext
+
+        # The forward pass's experts so far, [T, L, K], written layer by layer (views, no re-stacking).
+        hist = self._history
+        fits = hist is not None and hist.shape[0] == top_k_index.shape[0] and hist.shape[2] == top_k_index.shape[1]
+        if layer == 0 and not fits:
+            hist = self._history = top_k_index.new_empty(top_k_index.shape[0], self.num_layers, top_k_index.shape[1])
+        elif layer != 0 and (not fits or self._history_len != layer):
+            self._history_len = -1  # another caller's pass interleaved, or the batch changed: no history
+            return None
+        assert hist is not None
+        hist[:, layer] = top_k_index
+        self._history_len = layer + 1
+        return PredictionContext(layer=layer, history=hist[:, : layer + 1], gate_input=hidden)
+
     def _prefetch(self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor) -> list[Load]:
         """Score layers ``layer+1 .. layer+d`` with the predictor; the core admits the prefetches.
 
         Per target layer, each token's scores become probabilities (``scores_to_probs``), tokens are
         combined and the prefetch rule ranks the candidates (``PrefetchRule``), as in the simulator.
         """
-        from moe_engine.predictors.base import PredictionContext
-
         t0 = time.perf_counter()
         try:
-            # The forward pass's experts so far, [T, L, K], written layer by layer (views, no re-stacking).
-            hist = self._history
-            fits = hist is not None and hist.shape[0] == top_k_index.shape[0] and hist.shape[2] == top_k_index.shape[1]
-            if layer == 0 and not fits:
-                hist = self._history = top_k_index.new_empty(top_k_index.shape[0], self.num_layers, top_k_index.shape[1])
-            elif layer != 0 and (not fits or self._history_len != layer):
-                self._history_len = -1  # another caller's pass interleaved, or the batch changed: no history
+            ctx = self._context(layer, hidden, top_k_index)
+            if ctx is None:
                 return []
-            assert hist is not None
-            hist[:, layer] = top_k_index
-            self._history_len = layer + 1
-            ctx = PredictionContext(layer=layer, history=hist[:, : layer + 1], gate_input=hidden)
             ranked: list[ExpertKey] = []
             scored: dict[ExpertKey, float] = {}
             for d in range(1, self.config.prefetch_distance + 1):
@@ -222,9 +300,15 @@ class Engine:
             return self._reference_forward(layer, hidden_states, top_k_index, top_k_weights, kernel, num_experts)
         with torch.no_grad():
             plan = kernel.plan(hidden_states, top_k_index, top_k_weights, num_experts)
-            # Prefetches for the next layers are issued once this layer's demand loads are queued.
+            streaming = self.stream_layer(layer)
+            # Prefetches (or a prefill's read-ahead) for the next layers are issued once this layer's
+            # demand loads are queued.
             after_submit = None
-            if self.predictor is not None and layer + 1 < self.num_layers:  # nothing to predict after the last layer
+            if layer + 1 >= self.num_layers:
+                pass  # nothing to predict after the last layer
+            elif streaming:
+                after_submit = functools.partial(self._read_ahead, layer, hidden_states, top_k_index)
+            elif self.predictor is not None:
                 after_submit = functools.partial(self._prefetch, layer, hidden_states, top_k_index)
             # Weights arrive in residency order; the plan keeps only computed rows from each slot and
             # combines them as stock does, so the result does not depend on that order.

@@ -324,6 +324,8 @@ def from_pretrained(
     page_cache: bool = False,
     io_threads: int = 2,
     host_tier: str = "auto",
+    prefill_policy: str = "stream",
+    prefill_window: float = 0.25,
     quality: str = "lossless",
     guardrail: float | None = None,
     guardrail_every: int = 16,
@@ -359,6 +361,11 @@ def from_pretrained(
         prefetch_per_layer, prefetch_min_prob: at most this many prefetches per predicted layer and step,
             each with a predicted probability of at least this (``moe_engine.runtime.residency.PrefetchRule``).
         page_cache: let the OS page cache keep expert pages (off: the budget is the real bound).
+        prefill_policy, prefill_window: how a prefill (a forward pass with more than one new position
+            per sequence) uses the cache: "stream" (default) reads the next layer's experts ahead and
+            displaces at most ``prefill_window`` (a fraction) of the slots, its own loads leaving first
+            afterwards, so the decode working set survives; "shared": as a decode step
+            (``moe_engine.runtime.engine``).
         threads: torch intra-op threads (a process-wide setting); default: half the physical cores
             (``moe_engine.runtime.threads``: torch's default of one per core slows a shared machine badly).
         quality: which stored copy of an expert a load brings (``moe_engine.runtime.quality``):
@@ -428,6 +435,8 @@ def from_pretrained(
         page_cache=page_cache,
         io_threads=io_threads,
         host_tier=host_tier,
+        prefill_policy=prefill_policy,
+        prefill_window=prefill_window,
     )
     if policy != "none":
         make_policy(policy, num_layers=1, num_experts=1, capacity=1)  # unknown names fail before any work
@@ -573,6 +582,7 @@ def from_pretrained(
         for m in modules:
             m.attach(engine)
         model.engine = engine
+        _mark_phases(model, engine)
         model.__class__ = _offloaded_class(type(model))
         # Inference only: autograd through offloaded experts would keep views of slots that later copies
         # overwrite. Parameters are frozen so a plain forward records nothing (see README, "Gradients").
@@ -592,6 +602,23 @@ def from_pretrained(
     except BaseException:
         store.close()
         raise
+
+
+def _mark_phases(model: Any, engine: Engine) -> None:
+    """Tell the engine, per forward pass of the decoder, whether it is a prefill (more than one new
+    position per sequence) or a decode step: the two have separate expert policies."""
+    decoder = model.get_decoder()
+
+    def hook(module, args, kwargs):
+        x = kwargs.get("input_ids")
+        if x is None:
+            x = kwargs.get("inputs_embeds")
+        if x is None and args:
+            x = args[0]
+        if isinstance(x, torch.Tensor) and x.dim() >= 2:
+            engine.mark_forward(int(x.shape[1]))
+
+    decoder.register_forward_pre_hook(hook, with_kwargs=True)
 
 
 def _process_group_size() -> int:

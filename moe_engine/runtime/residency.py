@@ -22,6 +22,14 @@ Glossary:
   predicted, at most ``limit`` new loads per layer step. The eviction policy sees the prediction
   scores through ``observe_scores`` before any victim is chosen.
 
+* streaming (the prefill policy): while ``streaming`` is set (a prefill forward pass, which touches
+  most experts of every layer), loads become *stream entries*: the first victims of any later load,
+  whatever the eviction policy says, until a non-streaming layer uses them (then they are ordinary
+  entries). Hits do not reach the policy (a prefill does not reorder the decode working set), and a
+  streaming pass may displace at most ``stream_window`` non-stream entries (the decode working set);
+  beyond that its loads run in waves through the stream entries' slots. ``stream_ahead(keys)``
+  queues read-ahead for the next layer: loaded as this layer's computes free window room.
+
 A layer runs as a *schedule* (``layer_schedule``): a generator yielding ``Load`` (start copying a key
 into a slot), one ``Predict`` (issue prefetches now: behind this layer's demand loads, before compute)
 and ``Compute`` (the key's weights are needed now), in a deterministic order: hits in expert order,
@@ -182,6 +190,14 @@ class Residency:
         self.prefetch_bytes = [0] * num_layers
         self.peak_resident = 0
         self.predict_seconds = 0.0
+        # The prefill policy (module docstring, "streaming"): stream entries in load order (oldest first).
+        self.streaming = False
+        self.stream_window = max(1, num_slots // 4)
+        self._stream: dict[ExpertKey, None] = {}
+        self._displaced = 0  # non-stream entries evicted by the current streaming pass
+        self._ahead: deque[ExpertKey] = deque()  # read-ahead keys for the next layer (streaming)
+        self._held: set[ExpertKey] = set()  # read-ahead admitted: not victims before their layer begins
+        self._reading_ahead = False
 
     # ------------------------------------------------------------------ queries
     def __contains__(self, key: ExpertKey) -> bool:
@@ -209,7 +225,26 @@ class Residency:
         return 0 if e is None else e.variant
 
     def _evictable(self, key: ExpertKey) -> bool:
-        return key not in self.protected and key not in self._keep
+        return key not in self.protected and key not in self._keep and key not in self._held
+
+    def set_streaming(self, on: bool, window: int | None = None, new_pass: bool = False) -> None:
+        """Enter or leave streaming mode (module docstring); ``new_pass``: a streaming pass begins (its
+        window of displaced entries starts anew). ``window``: how many non-stream entries one pass may
+        displace (default ``num_slots // 4``, at least 1)."""
+        if on and (new_pass or not self.streaming):
+            self._displaced = 0
+        if window is not None:
+            if window < 1:
+                raise ValueError(f"the prefill stream window must be at least one expert, got {window}")
+            self.stream_window = window
+        self.streaming = on
+        if not on:
+            self._ahead.clear()
+
+    def stream_ahead(self, keys: Sequence[ExpertKey]) -> None:
+        """Streaming: read ``keys`` (the next layer's, best first) ahead as window room frees up."""
+        if self.streaming and self.keep_resident:
+            self._ahead = deque(k for k in keys if k not in self.entries)
 
     # ------------------------------------------------------------------ state changes
     def loaded(self, key: ExpertKey) -> None:
@@ -227,6 +262,7 @@ class Residency:
         e = self.entries.pop(key, None)
         if e is None:
             return
+        self._stream.pop(key, None)
         self._release(e)
         self.policy.evict(key)
         self.c.failed_loads[key[0]] += 1
@@ -242,10 +278,25 @@ class Residency:
             if self.on_free is not None:
                 self.on_free(e.slot)
 
+    def _stream_victim(self) -> ExpertKey | None:
+        """The oldest evictable stream entry (stream entries leave before any other)."""
+        for k in self._stream:
+            if self._evictable(k):
+                return k
+        return None
+
     def _evict_one(self) -> int | None:
-        """Free a slot by evicting the policy's victim; None when every resident key is protected."""
+        """Free a slot by evicting a stream entry, else the policy's victim; None when every resident key
+        is protected (or, streaming, when the pass has displaced its window of other entries)."""
         while True:
-            victim = self.policy.victim(self._evictable)
+            victim = self._stream_victim() if self._stream else None
+            if victim is None and self.streaming and self._displaced >= self.stream_window:
+                # The window is used up: read-ahead waits; a demand load waits for a computed stream entry
+                # (a wave) if this layer holds one, else (nothing would ever free) displaces one more.
+                if self._reading_ahead or any(k in self.protected for k in self._stream):
+                    return None
+            if victim is None:
+                victim = self.policy.victim(self._evictable)
             if victim is None:
                 # Every key is protected, or the policy lost track of some (an interrupt inside one of
                 # its updates): take any evictable key so a lost key never pins its slot for good.
@@ -257,6 +308,10 @@ class Residency:
                 self.policy.evict(victim)
                 continue
             self.policy.evict(victim)
+            if victim in self._stream:
+                del self._stream[victim]
+            elif self.streaming:
+                self._displaced += 1  # an entry of the decode working set left for the prefill
             self._evicted_bytes = e.nbytes
             layer = victim[0]
             self.c.evictions[layer] += 1
@@ -280,6 +335,8 @@ class Residency:
             slot = got
         self.entries[key] = _Entry(slot, state, prefetch, self.expert_bytes)
         self.policy.insert(key, prefetch)
+        if self.streaming:
+            self._stream[key] = None
         layer = key[0]
         self.bytes_moved[layer] += self.expert_bytes
         if prefetch:
@@ -310,6 +367,8 @@ class Residency:
         self.used_bytes += nbytes
         self.entries[key] = _Entry(slot, state, prefetch, nbytes, variant)
         self.policy.insert(key, prefetch)
+        if self.streaming:
+            self._stream[key] = None
         layer = key[0]
         self.bytes_moved[layer] += nbytes
         if variant:
@@ -352,6 +411,8 @@ class Residency:
         if order and order[-1] >= len(made):
             made.extend((layer, e) for e in range(len(made), order[-1] + 1))
         keys = [made[e] for e in order]
+        self._ahead.clear()  # read-ahead aimed at this layer: whatever did not start is a demand load now
+        self._held.clear()
         judged = self._unjudged.pop(layer, None)
         if judged:  # prefetches aimed at this layer that it does not use were mispredictions
             c.mispredictions[layer] += len(judged.difference(keys))
@@ -375,7 +436,10 @@ class Residency:
             hits.append(k)
         if log is not None:
             log.extend(("miss" if entries.get(k) is None else "hit", k) for k in keys)
-        if hits:
+        if hits and not self.streaming:  # a prefill's hits leave the decode working set's order alone
+            if self._stream:  # used by a non-streaming layer: ordinary entries from now on
+                for k in hits:
+                    self._stream.pop(k, None)
             self.policy.access_hits(hits)
         c.hits[layer] += ready_hits
         if len(hits) > ready_hits:
@@ -401,6 +465,8 @@ class Residency:
             if to_load:
                 yield from self._start_loads(to_load)
             yield PREDICT
+            if self._ahead and not to_load:
+                yield from self._read_ahead()
             nh = len(hits)
             for i, k in enumerate(hits + misses if misses else hits):
                 e = entries.get(k)
@@ -415,6 +481,8 @@ class Residency:
                     self._drop(k)
                 elif to_load:
                     yield from self._start_loads(to_load)
+                elif self._ahead:
+                    yield from self._read_ahead()
         finally:
             self.protected = set()
 
@@ -431,7 +499,9 @@ class Residency:
                 self._start_loads(to_load, make=False)  # admitted READY: nothing to copy
             if predict is not None:
                 predict()
-            if to_load or not self.keep_resident:  # waves: computing frees slots for the rest
+            if self._ahead and not to_load:
+                self._read_ahead(make=False)
+            if to_load or not self.keep_resident or self._ahead:  # waves: computing frees slots for the rest
                 for k in hits + misses:
                     if k not in self.entries:
                         self._start_loads(to_load, make=False)
@@ -443,6 +513,8 @@ class Residency:
                         self._drop(k)
                     elif to_load:
                         self._start_loads(to_load, make=False)
+                    elif self._ahead:
+                        self._read_ahead(make=False)
         finally:
             self.protected = set()
 
@@ -467,10 +539,39 @@ class Residency:
                 loads.append(Load(k, slot))
         return loads
 
+    def _read_ahead(self, make: bool = True) -> list[Load]:
+        """Streaming: admit queued read-ahead keys (prefetches of the next layer) while the window has
+        room; never evicts a protected key. Returns the loads to perform (none when ``make`` is False)."""
+        loads: list[Load] = []
+        ahead = self._ahead
+        while ahead:
+            k = ahead[0]
+            if k in self.entries:
+                ahead.popleft()
+                continue
+            self._reading_ahead = True
+            try:
+                slot = self._admit(k, True, LOADING if make else READY)
+            finally:
+                self._reading_ahead = False
+            if slot is None:
+                break
+            ahead.popleft()
+            self._held.add(k)
+            layer = k[0]
+            self.c.prefetches[layer] += 1
+            self._unjudged.setdefault(layer, set()).add(k)
+            if self.log is not None:
+                self.log.append(("prefetch", k))
+            if make:
+                loads.append(Load(k, slot, prefetch=True))
+        return loads
+
     def _drop(self, key: ExpertKey) -> None:
         """Load-on-demand mode: the key leaves as soon as it was used."""
         e = self.entries.pop(key, None)
         if e is not None:
+            self._stream.pop(key, None)
             self._release(e)
             self.policy.evict(key)
 
