@@ -12,13 +12,17 @@ torch threads, default 1; ``--dtype``, default float32) as a subprocess on a fre
 3. scheduling: ``--sched-clients`` clients each send ``--sched-requests`` requests back to back, to
    a server with ``--step-seqs`` sequences per decode step, ``--eviction`` policy and ``--predictor``, once with
    ``--schedule expert_aware`` and once with ``fcfs`` (``--repeats`` rounds, interleaved): expert bytes moved per output token (from
-   the server's /metrics) and p95 request latency. Bars: bytes <= 0.8x FCFS's, p95 <= 1.2x.
+   the server's /metrics) and p95 request latency. Bars: bytes <= 0.8x FCFS's, p95 <= 1.2x. The baseline is
+   fair: both policies run the same server flags (budget, eviction policy, prefetch predictor, step cap,
+   ``--max-seqs``), the same clients and prompts; only ``--schedule`` differs.
 4. load test: 500 requests at 64-way concurrency, 10 % of the clients disconnect mid-stream, 5 % send
    malformed requests, ``--load-rounds`` (2) times: every well-formed request must be answered (200 with a
    finish_reason), every malformed one must get a 4xx, none may hang, the server idle again after each
    round; server RSS before and after each round, flat (within 32 MiB) after the first round.
 
-Writes JSON to ``--out`` (default ``~/.cache/moe-engine/bench/serve_eval.json``).
+Writes JSON to ``--out`` (default ``~/.cache/moe-engine/bench/serve_eval.json``), merged into what the file
+already holds: each part run replaces its own key (``--save-as`` names the key of a single part, e.g. a
+variant of the scheduling part) and records the command that produced it; other keys are kept.
 
 Example::
 
@@ -242,11 +246,80 @@ def part_scheduling(args) -> dict:
            for p, rs in rounds.items()}  # fmt: skip
     bytes_ratio = med["expert_aware"]["bytes_per_token"] / med["fcfs"]["bytes_per_token"]
     p95_ratio = med["expert_aware"]["p95_s"] / med["fcfs"]["p95_s"]
-    return {"clients": args.sched_clients, "requests_per_client": args.sched_requests, "step_seqs": args.step_seqs,
+    return {"comparison": "same run, rounds interleaved; both policies: same budget (25 %), eviction policy, "
+            "prefetch predictor, step cap (--step-seqs) and --max-seqs 64, same clients and prompts; only --schedule "
+            "differs",
+            "tok_s_ratio": med["expert_aware"]["tok_s"] / med["fcfs"]["tok_s"],
+            "clients": args.sched_clients, "requests_per_client": args.sched_requests, "step_seqs": args.step_seqs,
             "eviction": args.eviction, "predictor": args.predictor,
             "max_wait": args.max_wait, "max_tokens": args.max_tokens, "rounds": rounds, "median": med,
             "bytes_per_token_ratio": bytes_ratio, "p95_ratio": p95_ratio, "bars": {"bytes": 0.8, "p95": 1.2},
             "pass": bytes_ratio <= 0.8 and p95_ratio <= 1.2}  # fmt: skip
+
+
+def part_prediction(args) -> dict:
+    """How well the scheduler's expert prediction recalls the experts a decode step really uses.
+
+    Routing recorded in-process (the engine at a 100 % budget, greedy ``generate()`` with the model's
+    generation config) for the scheduling part's prompts, replayed in serving order (request waves,
+    position-major within a wave): for each generated token fed back, the share of its (layer, expert)
+    pairs predicted by (a) the sequence's own previous token's routing, (b) ``TokenRoutes`` (the routing
+    last seen for that token id anywhere, prompt or generated; (a) for an id not seen yet)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    import moe_engine
+    from moe_engine.runtime.engine import OffloadedExperts
+    from moe_engine.serve.scheduler import TokenRoutes
+
+    torch.set_num_threads(args.threads)
+    path = moe_engine.default_model_path()
+    tok = AutoTokenizer.from_pretrained(path)
+    per_client = [prompts(args.sched_requests, seed=100 + c) for c in range(args.sched_clients)]
+    recorded: dict[int, list[torch.Tensor]] = {}
+
+    def record(module, inputs) -> None:
+        recorded.setdefault(module.moe_index, []).append(inputs[1].clone())
+
+    requests = []  # (wave, ids [prompt + fed generated], routes per fed token [(layer, experts)...], prompt length)
+    with moe_engine.from_pretrained(path, budget=1.0, device="cpu", dtype=args.dtype, predictor=None) as model:
+        for m in model.modules():
+            if isinstance(m, OffloadedExperts):
+                m.register_forward_pre_hook(record)
+        top_k = 0
+        for items in per_client:
+            for w, text in enumerate(items):
+                recorded.clear()
+                ids = tok(text, return_tensors="pt").input_ids
+                with torch.inference_mode():
+                    out = model.generate(ids, max_new_tokens=args.max_tokens, do_sample=False, pad_token_id=0)
+                layers = sorted(recorded)
+                per_layer = [torch.cat(recorded[layer]).tolist() for layer in layers]  # [L][fed tokens][k]
+                fed = out[0, : len(per_layer[0])].tolist()
+                routes = [[(layer, per_layer[i][t]) for i, layer in enumerate(layers)] for t in range(len(fed))]
+                requests.append((w, fed, routes, ids.shape[1]))
+                top_k = len(per_layer[0][0])
+        n_experts = model.config.num_experts
+    events = sorted(((w, t, r) for r, (w, _, _, _) in enumerate(requests) for t in range(len(requests[r][1]))))
+    table = TokenRoutes()
+    own = [frozenset() for _ in requests]
+    hits = {"previous_token": 0, "token_routes": 0}
+    total, covered = 0, 0
+    for _, t, r in events:
+        _, fed, routes, plen = requests[r]
+        actual = frozenset((layer, e) for layer, experts in routes[t] for e in experts)
+        if t >= plen:  # a generated token fed back: a decode step the scheduler predicts
+            total += len(actual)
+            hits["previous_token"] += len(actual & own[r])
+            predicted = table.predict(fed[t], own[r])
+            covered += predicted is not own[r]
+            hits["token_routes"] += len(actual & predicted)
+        table.record(fed[t], routes[t])
+        own[r] = actual
+    decode_tokens = sum(len(fed) - plen for _, fed, _, plen in requests)
+    return {"requests": len(requests), "decode_tokens": decode_tokens, "top_k": top_k, "experts": n_experts,
+            "recall": {k: v / total for k, v in hits.items()}, "chance": top_k / n_experts,
+            "token_routes_coverage": covered / decode_tokens}  # fmt: skip
 
 
 def part_load(args) -> dict:
@@ -342,7 +415,8 @@ def part_load(args) -> dict:
             and outcome.get("hung", 0) == 0 and health["running"] == 0 and flat}  # fmt: skip
 
 
-PARTS = {"exactness": part_exactness, "throughput": part_throughput, "scheduling": part_scheduling, "load": part_load}
+PARTS = {"exactness": part_exactness, "throughput": part_throughput, "prediction": part_prediction,
+         "scheduling": part_scheduling, "load": part_load}  # fmt: skip
 
 
 def main(argv=None) -> int:
@@ -372,22 +446,37 @@ def main(argv=None) -> int:
     p.add_argument("--load-rounds", type=int, default=2,
                    help="load test: rounds of --load-requests; RSS must stay flat after the first (default 2)")  # fmt: skip
     p.add_argument("--load-client-timeout", type=float, default=300, help="load test: a request slower hangs (default 300 s)")
-    p.add_argument("--out", default=str(Path.home() / ".cache/moe-engine/bench/serve_eval.json"), help="JSON output")
+    p.add_argument("--out", default=str(Path.home() / ".cache/moe-engine/bench/serve_eval.json"),
+                   help="JSON output; parts already in the file and not run now are kept")  # fmt: skip
+    p.add_argument("--save-as", default=None,
+                   help="store the (single) part under this key instead of its name, e.g. scheduling_with_prefetch")  # fmt: skip
     args = p.parse_args(argv)
     parts = [x.strip() for x in args.parts.split(",") if x.strip()]
     unknown = [x for x in parts if x not in PARTS]
     if unknown:
         p.error(f"unknown part(s) {unknown}; choose from {list(PARTS)}")
-    result: dict = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "server_threads": args.threads},
-                    "args": vars(args)}  # fmt: skip
+    if args.save_as is not None and len(parts) != 1:
+        p.error(f"--save-as names the key of one part; got --parts {','.join(parts)}")
     out = Path(args.out).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
+    result: dict = {}
+    if out.exists():
+        try:
+            result = json.loads(out.read_text())
+        except json.JSONDecodeError as exc:
+            p.error(f"{out} is not valid JSON ({exc}); move it away or choose another --out")
+    result.pop("args", None)  # older files: one run's arguments for every part; now each part keeps its command
+    result["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(), "server_threads": args.threads}
+    command = " ".join(["python -m moe_engine.benchmarks.serve_eval", *(argv if argv is not None else sys.argv[1:])])
     for name in parts:
         print(f"== {name}", flush=True)
         t0 = time.perf_counter()
-        result[name] = PARTS[name](args)
-        result[name]["part_seconds"] = time.perf_counter() - t0
-        print(json.dumps({k: v for k, v in result[name].items() if k != "rounds"}, indent=1, default=str), flush=True)
+        key = args.save_as or name
+        result[key] = PARTS[name](args)
+        result[key]["part_seconds"] = time.perf_counter() - t0
+        result[key]["command"] = command
+        result[key]["date"] = time.strftime("%Y-%m-%d", time.gmtime())
+        print(json.dumps({k: v for k, v in result[key].items() if k != "rounds"}, indent=1, default=str), flush=True)
         out.write_text(json.dumps(result, indent=1, default=str))  # after each part: a partial run keeps its figures
     print(f"wrote {out}")
     return 0

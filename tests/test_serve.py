@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from moe_engine.serve.app import SIMPLE_CHAT_TEMPLATE, render_chat
-from moe_engine.serve.scheduler import SeqView, choose
+from moe_engine.serve.scheduler import SeqView, TokenRoutes, choose, next_lag
 from moe_engine.serve.server import ServerThread, build, free_port
 
 MODEL_ID = "moe-engine-default"
@@ -241,7 +241,7 @@ def test_client_gone_before_a_non_streaming_answer_frees_the_sequence(server):
 
 def test_timeout_and_capacity(model_and_tok):
     model, tok = model_and_tok
-    built = build(model=model, tokenizer=tok, served_model_name=MODEL_ID, max_seqs=1, max_queue=0, timeout=0.4)
+    built = build(model=model, tokenizer=tok, served_model_name=MODEL_ID, max_seqs=1, max_queue=0, timeout=2.0)
     with ServerThread(built) as srv:
         body = {"model": MODEL_ID, "prompt": "And the king said", "max_tokens": 250, "repetition_penalty": 1.0}
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
@@ -266,23 +266,121 @@ def test_schedulers():
     other = [SeqView(1, 0, 0, a), SeqView(3, 1, 0, frozenset({(0, 7), (1, 8)})), SeqView(2, 2, 0, frozenset({(0, 5), (1, 6)}))]
     assert choose("expert_aware", other, cap=2, resident=frozenset({(0, 5), (1, 6)}), max_wait=4) == [1, 2]
     assert choose("fcfs", other, cap=2, resident=frozenset({(0, 5), (1, 6)}), max_wait=4) == [1, 3]
-    # bounded waiting: a sequence that waited round robin's wait (ceil(3 / 2) - 1 = 1) plus max_wait steps
-    # goes first whatever its experts
-    starving = [SeqView(1, 0, 0, a), SeqView(2, 1, 5, frozenset({(0, 9)})), SeqView(3, 2, 0, a)]
-    assert choose("expert_aware", starving, cap=2, resident=frozenset(), max_wait=4)[0] == 2
-    patient = [SeqView(1, 0, 0, a), SeqView(2, 1, 4, frozenset({(0, 9)})), SeqView(3, 2, 0, a)]
-    assert choose("expert_aware", patient, cap=2, resident=frozenset(), max_wait=4) == [2, 1]  # anchor only
-    # the expert-aware choice never leaves a sequence out more than max_wait steps in a row
-    views = {i: SeqView(i, i, 0, frozenset({(0, i % 3)})) for i in range(7)}
-    longest = 0
-    for _ in range(50):
-        picked = set(choose("expert_aware", list(views.values()), cap=2, resident=frozenset(), max_wait=3))
-        for i, v in views.items():
-            views[i] = SeqView(i, i, 0 if i in picked else v.waited + 1, v.predicted)
-            longest = max(longest, views[i].waited)
-    assert longest <= (4 - 1 + 3) + 7 // 2  # the bound, plus queueing behind other forced ones
+    # bounded lag: sequences max_wait or more tokens behind their fair share go first, whatever their
+    # experts; below the bound only the most behind one is taken (as the anchor), the rest by experts
+    x, y = frozenset({(0, 1)}), frozenset({(0, 2)})
+    behind = [SeqView(1, 0, 0, x, lag=2.5), SeqView(2, 1, 0, y, lag=2.0), SeqView(3, 2, 0, x, lag=-1.0)]
+    assert choose("expert_aware", behind, cap=2, resident=frozenset(), max_wait=2) == [1, 2]
+    assert choose("expert_aware", behind, cap=2, resident=frozenset(), max_wait=3) == [1, 3]
     with pytest.raises(ValueError, match="unknown scheduling policy"):
         choose("random", seqs, cap=2, resident=frozenset(), max_wait=4)
+    with pytest.raises(ValueError, match="step cap must be at least 1"):
+        choose("expert_aware", seqs, cap=0, resident=frozenset(), max_wait=4)
+
+
+def _serve_offline(policy: str, routes: list[list[frozenset]], cap: int, max_wait: int) -> tuple[float, float, int]:
+    """Decode every sequence of ``routes`` (per sequence, per token: its experts) to the end, choosing
+    each step with ``policy`` and the true next experts as the prediction; returns (mean distinct
+    experts per step, largest lag, steps)."""
+    pos = [0] * len(routes)
+    lag = [0.0] * len(routes)
+    waited = [0] * len(routes)
+    distinct, steps, worst = 0, 0, 0.0
+    while any(p < len(r) for p, r in zip(pos, routes, strict=True)):
+        ready = [i for i, r in enumerate(routes) if pos[i] < len(r)]
+        views = [SeqView(i, i, waited[i], routes[i][pos[i]], lag[i]) for i in ready]
+        chosen = choose(policy, views, cap=cap, resident=frozenset(), max_wait=max_wait)
+        assert len(chosen) == min(cap, len(ready)) and len(set(chosen)) == len(chosen)
+        assert sum(next_lag(lag[i], len(ready), cap, i in chosen) for i in ready) == pytest.approx(sum(lag[i] for i in ready))
+        distinct += len(frozenset().union(*(routes[i][pos[i]] for i in chosen)))
+        for i in ready:
+            lag[i] = next_lag(lag[i], len(ready), cap, i in chosen)
+            waited[i] = 0 if i in chosen else waited[i] + 1
+            worst = max(worst, lag[i])
+        for i in chosen:
+            pos[i] += 1
+        steps += 1
+    return distinct / steps, worst, steps
+
+
+def test_expert_aware_groups_by_experts_within_the_lag_bound():
+    """16 sequences from 4 topics (a topic's tokens use 2 of 4 topic experts per layer): grouping by
+    predicted experts touches far fewer distinct experts per step than round robin, no sequence falls
+    more than max_wait + 1 tokens behind its fair share, and the same number of steps serves everyone."""
+    import random
+
+    rng = random.Random(0)
+    routes = []
+    for i in range(16):
+        topic = i % 4
+        n = rng.randint(20, 40)
+        routes.append([frozenset((layer, 4 * topic + e) for layer in range(4) for e in rng.sample(range(4), 2))
+                       for _ in range(n)])  # fmt: skip
+    fcfs_distinct, fcfs_lag, fcfs_steps = _serve_offline("fcfs", routes, cap=4, max_wait=2)
+    aware_distinct, aware_lag, aware_steps = _serve_offline("expert_aware", routes, cap=4, max_wait=2)
+    assert aware_distinct <= 0.6 * fcfs_distinct, (aware_distinct, fcfs_distinct)
+    assert aware_lag <= 2 + 1, aware_lag
+    assert aware_steps <= fcfs_steps + 1
+
+
+def test_token_routes():
+    table = TokenRoutes(max_tokens=2)
+    assert table.predict(7, frozenset({(0, 1)})) == {(0, 1)}  # never seen: the fallback
+    assert table.predict(None, frozenset()) == frozenset()
+    table.record(7, [(0, (3, 5)), (1, (2, 9))])
+    assert table.predict(7, frozenset({(0, 1)})) == {(0, 3), (0, 5), (1, 2), (1, 9)}
+    table.record(7, [(0, (4, 5)), (1, (2, 9))])  # the latest routing wins
+    assert table.predict(7, frozenset()) == {(0, 4), (0, 5), (1, 2), (1, 9)}
+    table.record(8, [(0, (1, 2))])
+    table.record(9, [(0, (1, 2))])  # a third id: the least recently recorded (7) is dropped
+    assert len(table) == 2 and table.predict(7, frozenset()) == frozenset()
+    with pytest.raises(ValueError, match="at least one token id"):
+        TokenRoutes(max_tokens=0)
+
+
+def test_batcher_records_each_real_tokens_route(model_and_tok):
+    """Two prompts of different lengths prefill in one padded forward: the batcher's token table holds
+    each prompt token's routing, equal to a forward of that prompt alone, and no pad's."""
+    from moe_engine.runtime.engine import OffloadedExperts
+    from moe_engine.serve.batcher import Batcher, BatcherConfig, SamplingParams
+
+    model, tok = model_and_tok
+    prompts = [tok("And the king said unto")["input_ids"], tok("Thus saith the Lord")["input_ids"]]
+    assert len(prompts[0]) != len(prompts[1]) and 0 not in prompts[0] + prompts[1]
+    batcher = Batcher(model, BatcherConfig(max_seqs=4, step_seqs=4, prefill_chunk=128), pad_token_id=0)
+    done = []
+    for p in prompts:  # both queued before the engine thread starts: one prefill forward for both
+        batcher.submit(p, SamplingParams(max_new_tokens=1), sink=lambda e: done.append(e) if e.finish_reason else None)
+    batcher.start()
+    batcher.stop(drain=True, timeout=60)
+    assert [e.finish_reason for e in done] == ["length", "length"]
+    assert batcher.metrics.prefill_forwards == 1
+    alone: dict[int, frozenset] = {}
+    seen: dict[int, int] = {}
+    for p in prompts:
+        for t in p:
+            seen[t] = seen.get(t, 0) + 1
+        routes: dict[int, torch.Tensor] = {}
+
+        def record(module, args, routes=routes):
+            routes[module.moe_index] = args[1]
+
+        hooks = [m.register_forward_pre_hook(record) for m in model.modules() if isinstance(m, OffloadedExperts)]
+        try:
+            with torch.inference_mode():
+                model(torch.tensor([p]))
+        finally:
+            for h in hooks:
+                h.remove()
+        for j, t in enumerate(p):
+            alone[t] = frozenset((layer, int(e)) for layer, idx in routes.items() for e in idx[j].tolist())
+    table = batcher._token_routes
+    assert len(table) == len(seen)  # every real token, no pad (id 0)
+    assert table.predict(0, frozenset()) == frozenset()
+    for t, n in seen.items():
+        if n == 1:  # a token in both prompts holds whichever row came last
+            assert table.predict(t, frozenset()) == alone[t]
+            assert len(alone[t]) == 8 * 2 and {layer for layer, _ in alone[t]} == set(range(8))
 
 
 def test_simple_chat_template_documented():

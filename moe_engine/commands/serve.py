@@ -46,7 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--schedule", default="expert_aware", choices=["expert_aware", "fcfs"],
                    help="which requests share a decode step (default expert_aware)")  # fmt: skip
     p.add_argument("--max-wait", type=int, default=2,
-                   help="expert_aware: steps a request may wait beyond its round-robin turn (default 2)")  # fmt: skip
+                   help="expert_aware: tokens a request may fall behind its round-robin share (default 2)")  # fmt: skip
     p.add_argument("--prefill-chunk", type=int, default=128, help="prompt tokens per prefill forward (default 128)")
     p.add_argument("--max-prompt-tokens", type=int, default=None,
                    help="longest prompt accepted, in tokens (default: the model's context minus one)")  # fmt: skip

@@ -55,7 +55,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from moe_engine.serve.scheduler import SCHEDULERS, SeqView, choose
+from moe_engine.serve.scheduler import SCHEDULERS, SeqView, TokenRoutes, choose, next_lag
 
 
 class QueueFullError(RuntimeError):
@@ -75,7 +75,7 @@ class BatcherConfig:
     step_seqs: int = 32  # at most this many sequences decode in one step
     prefill_chunk: int = 128  # prompt tokens per prefill forward (all admitted prompts together)
     policy: str = "expert_aware"  # scheduling policy (moe_engine.serve.scheduler.SCHEDULERS)
-    max_wait: int = 2  # expert_aware: steps a ready sequence may wait beyond its round-robin turn
+    max_wait: int = 2  # expert_aware: tokens a ready sequence may fall behind its fair (round-robin) share
     timeout_s: float | None = 600.0  # a request still running after this many seconds ends with "timeout"
 
     def __post_init__(self) -> None:
@@ -128,8 +128,10 @@ class _Seq:
     length: int = 0  # tokens in the KV cache
     keys: list[torch.Tensor] = field(default_factory=list)  # per decoder layer [heads, capacity, head_dim]
     values: list[torch.Tensor] = field(default_factory=list)
-    waited: int = 0
-    predicted: frozenset = frozenset()
+    waited: int = 0  # decode steps left out in a row
+    lag: float = 0.0  # tokens behind its fair share of decode steps (scheduler.next_lag)
+    last_route: frozenset = frozenset()  # (moe_layer, expert) of its last routed token
+    predicted: frozenset = frozenset()  # (moe_layer, expert) its next decode step will likely use
     pending: int | None = None  # sampled token not yet fed to the model
     first_token_at: float | None = None
 
@@ -200,6 +202,7 @@ class Batcher:
         self._drain = True
         self._thread: threading.Thread | None = None
         self._routes: dict[int, torch.Tensor] = {}
+        self._token_routes = TokenRoutes()
         self._hooks = []
         self.error: BaseException | None = None
         from moe_engine.runtime.engine import OffloadedExperts
@@ -341,12 +344,17 @@ class Batcher:
             return frozenset(core.entries)
 
     def _decode_step(self) -> None:
-        views = [SeqView(s.seq_id, s.arrival, s.waited, s.predicted) for s in self._ready.values()]
+        for s in self._ready.values():  # the pending token is known: predict by where that token id went last
+            s.predicted = self._token_routes.predict(s.pending, s.last_route)
+        views = [SeqView(s.seq_id, s.arrival, s.waited, s.predicted, s.lag) for s in self._ready.values()]
         resident = self._resident() if self.config.policy == "expert_aware" else frozenset()
         chosen_ids = choose(self.config.policy, views, self.config.step_seqs, resident, self.config.max_wait)
         chosen = [self._ready[i] for i in chosen_ids]
+        n_ready = len(self._ready)
         for s in self._ready.values():
-            s.waited = 0 if s.seq_id in chosen_ids else s.waited + 1
+            picked = s.seq_id in chosen_ids
+            s.waited = 0 if picked else s.waited + 1
+            s.lag = next_lag(s.lag, n_ready, self.config.step_seqs, picked)
         rows = []
         for s in chosen:
             assert s.pending is not None
@@ -427,15 +435,20 @@ class Batcher:
                 hidden = out.last_hidden_state[torch.arange(B), last.to(device)]  # [B, H]
                 logits = self._head(hidden).float()  # [B, V]
                 kv = cache  # updated in place by the forward
+                moe_layers = sorted(self._routes)
+                routed = [self._routes[layer].reshape(B, T, -1).tolist() for layer in moe_layers]  # [L][B][T][k]
                 for b, (s, new) in enumerate(rows):
                     t = len(new)
                     s.append_kv(
                         [layer.keys[b, :, P : P + t] for layer in kv.layers],
                         [layer.values[b, :, P : P + t] for layer in kv.layers],
                     )
-                    s.predicted = frozenset(
-                        (layer, int(e)) for layer, idx in self._routes.items() for e in idx[b * T + t - 1].tolist()
-                    )
+                    for j, token in enumerate(new):  # real tokens only: the right pads' routes are not recorded
+                        self._token_routes.record(token, tuple((m, tuple(r[b][j])) for m, r in zip(moe_layers, routed)))
+                    if moe_layers:
+                        s.last_route = frozenset(
+                            (m, e) for m, r in zip(moe_layers, routed, strict=True) for e in r[b][t - 1]
+                        )
         except Exception as exc:  # a failed read (ExpertReadError), a closed model...: those requests fail
             for s, _ in rows:
                 self._finish(s, "error", f"{type(exc).__name__}: {exc}")
