@@ -159,3 +159,24 @@ def test_budget_below_one_tokens_working_set_warns(tiny_checkpoint):
     with warnings.catch_warnings():
         warnings.simplefilter("error", BudgetWarning)
         _load(path, budget=4 * one)  # exactly the working set: no warning
+
+
+def test_a_callers_plan_replaces_the_predictor_for_prefetch(tiny_checkpoint):
+    """``engine.expected_experts(keys)``: a decode step prefetches exactly the planned experts of each next
+    layer (the server's token-route memory), not the predictor's; outside the context the predictor runs."""
+    path = tiny_checkpoint("qwen3_moe")
+    cfg = AutoConfig.from_pretrained(path)
+    one = tiny_models.expert_bytes(cfg)
+    model = _load(path, budget=6 * one, predictor="cross_layer_gate", prefetch_min_prob=0.0)
+    engine = model.engine
+    log: list = []
+    engine.core.log = log
+    plan = {(1, 3), (1, 6), (2, 0)}
+    with torch.no_grad(), engine.expected_experts(plan):
+        model(torch.tensor([[7]]))
+    # the cache started empty, so every planned key of the layers after the first was prefetched
+    assert {key for event, key in log if event == "prefetch"} == plan
+    log.clear()
+    with torch.no_grad():
+        model(torch.tensor([[9]]))
+    assert {key for event, key in log if event == "prefetch"} - plan  # the predictor's own choices again

@@ -184,6 +184,32 @@ class Engine:
         finally:
             self._phase.forced = old
 
+    @contextlib.contextmanager
+    def expected_experts(self, keys):
+        """Within this context the calling thread's decode steps prefetch, for each next MoE layer, the
+        ``(layer, expert)`` keys given here instead of asking the predictor: for a caller that knows a
+        step's routing better (the server remembers where each token id was routed). Only where prefetch
+        is on (a predictor is configured)."""
+        plan: dict[int, list[int]] = {}
+        for layer, e in sorted(keys):
+            plan.setdefault(int(layer), []).append(int(e))
+        old = getattr(self._phase, "plan", None)
+        self._phase.plan = plan
+        try:
+            yield
+        finally:
+            self._phase.plan = old
+
+    def _prefetch_planned(self, layer: int, plan: dict[int, list[int]]) -> list[Load]:
+        """``_prefetch`` from a caller's plan (``expected_experts``): the next layer's planned experts."""
+        t0 = time.perf_counter()
+        try:
+            ranked = [(layer + 1, e) for e in plan.get(layer + 1, ())]
+            with deferred_interrupts():
+                return self.core.prefetch(ranked, limit=len(ranked))
+        finally:
+            self.core.predict_seconds += time.perf_counter() - t0
+
     def mark_forward(self, new_positions: int) -> None:
         """The calling thread starts a forward pass with ``new_positions`` positions per sequence."""
         self._phase.prefill = new_positions > 1
@@ -309,7 +335,11 @@ class Engine:
             elif streaming:
                 after_submit = functools.partial(self._read_ahead, layer, hidden_states, top_k_index)
             elif self.predictor is not None:
-                after_submit = functools.partial(self._prefetch, layer, hidden_states, top_k_index)
+                expected = getattr(self._phase, "plan", None)
+                if expected is not None:
+                    after_submit = functools.partial(self._prefetch_planned, layer, expected)
+                else:
+                    after_submit = functools.partial(self._prefetch, layer, hidden_states, top_k_index)
             # Weights arrive in residency order; the plan keeps only computed rows from each slot and
             # combines them as stock does, so the result does not depend on that order.
             for e, gate_up, down in self.cache.iter_experts(layer, plan.experts, after_submit):

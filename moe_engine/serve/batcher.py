@@ -29,11 +29,12 @@ Exactness: greedy decoding, with the model's repetition penalty, equals ``model.
 prompt alone (``tests/test_serve.py`` checks it for concurrent requests in fp32).
 
 Prefill vs the decode working set: a prefill chunk routes many tokens and touches most experts of
-every layer, which evicts the experts decode sequences keep using. Without a runtime hook the batcher
-can only limit the damage: it prefills the chunks of all admitted sequences together in one forward
-(one sweep over the experts instead of one per request). The runtime hook it needs is in the report of
-issue 14: ``Engine.streaming()``, a context in which demand loads bypass the eviction policy's history
-and take the least valuable slots only.
+every layer, which under LRU would evict the experts decode sequences keep using. The engine's prefill
+policy handles it (``moe_engine.runtime.engine``, ``prefill_policy="stream"``, the default): the
+decoder hook marks every forward with more than one new position per row as a prefill, whose loads
+leave first afterwards and may displace at most a window of the decode working set, and whose next
+layer is read ahead. The batcher also prefills the chunks of all admitted sequences together in one
+forward (one sweep over the experts instead of one per request).
 
 Example::
 
@@ -359,7 +360,12 @@ class Batcher:
         for s in chosen:
             assert s.pending is not None
             rows.append((s, [s.pending]))
-        logits = self._forward(rows)
+        engine = getattr(self.model, "engine", None)
+        if engine is not None:  # the step's predicted experts are the engine's prefetch plan (if it prefetches)
+            with engine.expected_experts(frozenset().union(*(s.predicted for s in chosen))):
+                logits = self._forward(rows)
+        else:
+            logits = self._forward(rows)
         self.metrics.decode_steps += 1
         self.metrics.step_seqs_total += len(chosen)
         self.metrics.step_distinct_experts_total += len(frozenset().union(*(s.predicted for s in chosen)))
