@@ -19,6 +19,16 @@ Glossary (L = MoE layers, E = experts per layer, F = candidate formats, T = cali
   rest and lost to uniform int3; one constant beat it at 3 and 2.5 bits). Experts that calibration
   routes few tokens to get a prior of ``prior_tokens`` tokens at the layer's mean ``w^2``, measured on a
   sample of all of the layer's tokens, so an expert unseen in calibration is not given 2 bits for free.
+* tried and not shipped (issue 12): rescaling each layer's costs, per format, to a *measured* loss (the
+  KL from the stored model's next-token distribution, or the NLL increase, of that layer quantized alone
+  or at the operating point of uniform bits) before the integer program. On the default model at mean 3
+  bits it gave +0.171 % to +0.280 % validation perplexity (this cost model: +0.184 %; uniform int3-g64:
+  +0.162 %) and +0.52-0.54 % at 2.5 bits (this: +0.482 %). Every ILP allocation is ~18 % closer to the
+  stored model in KL on the validation text than uniform int3 (-4.3e-4 +- 1.6e-5 nats per token), yet
+  its NLL is higher by 2.5e-4 +- 1.8e-4 nats (1.4 standard errors): uniform int3's errors happen to lower
+  the NLL below their KL, a first-order effect per-layer measurements cannot resolve at 16k tokens. The
+  3-bit comparison sits at the resolution of the validation text. Group size 128 does not divide this
+  model's widths, so at 3 bits any departure from uniform needs int2 experts.
 * byte budget of "mean bits B" at group size G: the bytes of every expert stored uniformly in
   ``int{B}-g{G}`` (``int8`` for B = 8), interpolated linearly between the neighbouring integer widths for
   a fractional B (2.5 = halfway between uniform int2-g64 and int3-g64). Mean 3 bits therefore means
