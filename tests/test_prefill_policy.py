@@ -192,3 +192,18 @@ def test_bad_prefill_arguments_are_refused(tiny_checkpoint):
         moe_engine.from_pretrained(path, device="cpu", prefill_policy="fast")
     with pytest.raises(ValueError, match="prefill_window"):
         moe_engine.from_pretrained(path, device="cpu", prefill_window=0.0)
+
+
+def test_a_stream_key_left_behind_by_an_interrupt_is_forgotten():
+    """An interrupt between dropping an entry and forgetting it as a stream entry must not make eviction
+    spin on the stale key (it did: tests/test_faults.py's Ctrl-C at every statement hung on it)."""
+    core = _core(slots=2, layers=2)
+    core.set_streaming(True, window=2, new_pass=True)
+    _run(core, 0, [0, 1])
+    stale = (0, 0)
+    e = core.entries.pop(stale)  # what an interrupted eviction leaves: gone from the entries ...
+    core.free.append(e.slot)
+    assert stale in core._stream  # ... still listed as a stream entry
+    core.set_streaming(False)
+    _run(core, 1, [3, 4, 5])  # needs evictions: must finish
+    assert stale not in core._stream and {(1, 5)} <= set(core.entries)

@@ -279,11 +279,21 @@ class Residency:
                 self.on_free(e.slot)
 
     def _stream_victim(self) -> ExpertKey | None:
-        """The oldest evictable stream entry (stream entries leave before any other)."""
+        """The oldest evictable stream entry (stream entries leave before any other). A key an interrupted
+        operation left in the stream list but not in the entries is forgotten here."""
+        stale = None
+        found = None
         for k in self._stream:
+            if k not in self.entries:
+                stale = k
+                break
             if self._evictable(k):
-                return k
-        return None
+                found = k
+                break
+        if stale is not None:
+            self._stream = {k: None for k in self._stream if k in self.entries}
+            return self._stream_victim()
+        return found
 
     def _evict_one(self) -> int | None:
         """Free a slot by evicting a stream entry, else the policy's victim; None when every resident key
@@ -304,7 +314,8 @@ class Residency:
                 if victim is None:
                     return None
             e = self.entries.pop(victim, None)
-            if e is None:  # the policy knew a key the core had already dropped: forget it, ask again
+            if e is None:  # the policy (or the stream list) knew a key the core had already dropped: forget it
+                self._stream.pop(victim, None)
                 self.policy.evict(victim)
                 continue
             self.policy.evict(victim)
@@ -393,6 +404,7 @@ class Residency:
         """Rebuild the free list if an interrupted operation lost a slot (never seen in normal runs)."""
         used = {e.slot for e in self.entries.values()}
         self.free = [s for s in range(self.num_slots - 1, -1, -1) if s not in used]
+        self._stream = {k: None for k in self._stream if k in self.entries}
         if self.size_of is not None:
             self.used_bytes = sum(e.nbytes for e in self.entries.values())
 
