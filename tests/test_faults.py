@@ -16,6 +16,7 @@ from __future__ import annotations
 import _thread
 import errno
 import random
+import signal
 import sys
 import threading
 import time
@@ -181,6 +182,8 @@ def test_real_sigint_at_random_moments(tiny_checkpoint):
     duration = time.perf_counter() - t0
     rng = random.Random(5)
     interrupted = 0
+    # interrupt_main() acts through the SIGINT handler: use Python's default, whatever an earlier test left
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     for seed in range(30):
         timer = threading.Timer(rng.uniform(0, duration), _thread.interrupt_main)
         try:
@@ -200,4 +203,5 @@ def test_real_sigint_at_random_moments(tiny_checkpoint):
             got = _generate(model)
         assert torch.equal(got, want), f"seed {seed}: the call after an interrupt is wrong"
     model.close()
+    signal.signal(signal.SIGINT, previous)
     assert interrupted > 0
