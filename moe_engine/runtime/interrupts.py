@@ -47,12 +47,15 @@ def deferred_interrupts() -> Iterator[None]:
         return
     global _depth
     received: list[tuple[int, Any]] = []
-    signal.signal(signal.SIGINT, lambda signum, frame: received.append((signum, frame)))
-    _depth += 1
-    try:
+    entered = False
+    try:  # the handler is installed inside the try: whatever is raised next, the previous one comes back
+        signal.signal(signal.SIGINT, lambda signum, frame: received.append((signum, frame)))
+        entered = True
+        _depth += 1
         yield
     finally:
-        _depth -= 1
+        if entered:
+            _depth -= 1
         signal.signal(signal.SIGINT, previous)
         if received:
             previous(*received[0])  # the default handler raises KeyboardInterrupt here
