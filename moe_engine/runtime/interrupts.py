@@ -17,6 +17,7 @@ Example::
 
 from __future__ import annotations
 
+import _signal  # the C functions behind ``signal`` (whose wrappers convert every handler to an enum: slow)
 import signal
 import threading
 from collections.abc import Iterator
@@ -25,6 +26,7 @@ from typing import Any
 
 _main = threading.main_thread()
 _depth = 0  # deferred blocks open on the main thread (tests that inject interrupts honour it)
+_received: list[tuple[int, Any]] = []  # SIGINTs held back by the outermost open block
 
 
 def deferring() -> bool:
@@ -32,30 +34,43 @@ def deferring() -> bool:
     return _depth > 0
 
 
+def _record(signum: int, frame: Any) -> None:
+    _received.append((signum, frame))
+
+
 @contextmanager
 def deferred_interrupts() -> Iterator[None]:
+    global _depth
     if threading.current_thread() is not _main:
         yield
         return
+    if _depth > 0:  # nested: the outermost block holds SIGINT back already
+        _depth += 1
+        try:
+            yield
+        finally:
+            _depth -= 1
+        return
     try:
-        previous = signal.getsignal(signal.SIGINT)
+        previous = _signal.getsignal(signal.SIGINT)
     except (ValueError, AttributeError):  # no signals here (e.g. some embedded interpreters)
         yield
         return
     if not callable(previous):  # SIG_IGN / SIG_DFL: Python raises nothing, nothing to defer
         yield
         return
-    global _depth
-    received: list[tuple[int, Any]] = []
     entered = False
     try:  # the handler is installed inside the try: whatever is raised next, the previous one comes back
-        signal.signal(signal.SIGINT, lambda signum, frame: received.append((signum, frame)))
+        _received.clear()
+        _signal.signal(signal.SIGINT, _record)
         entered = True
         _depth += 1
         yield
     finally:
         if entered:
             _depth -= 1
-        signal.signal(signal.SIGINT, previous)
-        if received:
-            previous(*received[0])  # the default handler raises KeyboardInterrupt here
+        _signal.signal(signal.SIGINT, previous)
+        if _received:
+            got = _received[0]
+            _received.clear()
+            previous(*got)  # the default handler raises KeyboardInterrupt here
