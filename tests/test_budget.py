@@ -24,6 +24,7 @@ import moe_engine
 
 
 def load(path, budget, policy="lru", **kwargs):
+    kwargs.setdefault("preload", False)  # a cold cache (no preload): the calls under test read the experts they use (tests/test_preload.py: preload)
     return moe_engine.from_pretrained(path, budget=budget, policy=policy, device="cpu", **kwargs)
 
 

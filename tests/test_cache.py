@@ -16,6 +16,7 @@ from moe_engine.runtime.store import CheckpointError
 def _load(path, **kw):
     kw.setdefault("device", "cpu")
     kw.setdefault("predictor", None)
+    kw.setdefault("preload", False)  # a cold cache (no preload): the calls under test read the experts they use (tests/test_preload.py: preload)
     return moe_engine.from_pretrained(path, **kw)
 
 

@@ -47,11 +47,11 @@ def _trace(seed: int = 0) -> RoutingTrace:
                         meta={"num_experts": EXPERTS})
 
 
-def _runtime_log(path, trace, capacity, policy, predictor) -> list:
+def _runtime_log(path, trace, capacity, policy, predictor, preload: bool = False) -> list:
     one = tiny_models.expert_bytes(tiny_models.tiny_config("qwen3_moe", num_hidden_layers=LAYERS, mlp_only_layers=[],
                                                            num_experts=EXPERTS))
     model = moe_engine.from_pretrained(path, budget=capacity * one, policy=policy, device="cpu",
-                                       predictor=predictor)
+                                       predictor=predictor, preload=preload)
     engine = model.engine
     assert engine.core.num_slots == capacity
     log: list = []
@@ -97,3 +97,17 @@ def test_timed_simulation_makes_the_same_decisions(checkpoint, policy):
     simulate(trace, SimConfig(budget=0.5, capacity=12, policy=policy, prefetch=True, profile="disk"),
              predictor=pred, with_belady=False, log=sim_log)
     assert sim_log == _runtime_log(checkpoint, trace, 12, policy, pred)
+
+
+@pytest.mark.parametrize("policy", ["lru", "arc"])
+def test_a_preloaded_start_makes_the_same_decisions(checkpoint, policy):
+    """The runtime fills its cache at load (``Engine.preload``); ``SimConfig(preload=True)`` starts the same."""
+    trace = _trace()
+    pred = TransitionPredictor.fit([_trace(seed=1)])
+    sim_log: list = []
+    res = simulate(trace, SimConfig(budget=0.5, capacity=12, policy=policy, prefetch=True, profile=None, preload=True),
+                   predictor=pred, with_belady=False, log=sim_log)
+    cold = simulate(trace, SimConfig(budget=0.5, capacity=12, policy=policy, prefetch=True, profile=None),
+                    predictor=pred, with_belady=False)
+    assert res.hits > cold.hits  # the preloaded experts were used
+    assert sim_log == _runtime_log(checkpoint, trace, 12, policy, pred, preload=True)

@@ -59,6 +59,7 @@ def fp8_checkpoint(tmp_path_factory):
 
 
 def load(path, budget, **kwargs):
+    kwargs.setdefault("preload", False)  # a cold cache (no preload): the calls under test read the experts they use (tests/test_preload.py: preload)
     return moe_engine.from_pretrained(path, budget=budget, device="cpu", predictor=None, **kwargs)
 
 

@@ -32,6 +32,7 @@ def budget_value(variant: str, budget: str | float) -> int | float:
 def engine_trace(path, variant: str, budget, policy: str, want: DecodeTrace, **kwargs) -> DecodeTrace:
     import moe_engine
 
+    kwargs.setdefault("preload", False)  # a cold cache (no preload): the calls under test read the experts they use (tests/test_preload.py: preload)
     model = moe_engine.from_pretrained(
         path, budget=budget_value(variant, budget), policy=policy, device="cpu", **kwargs
     )

@@ -58,6 +58,7 @@ def stock_trace(tiny_checkpoint):
 
 def load_engine(path, dtype: torch.dtype, implementation: str | None, **kwargs):
     """``moe_engine.from_pretrained`` computing with ``implementation`` (None: the model's default)."""
+    kwargs.setdefault("preload", False)  # a cold cache (no preload): the calls under test read the experts they use (tests/test_preload.py: preload)
     model = moe_engine.from_pretrained(path, dtype=dtype, device="cpu", experts_implementation=implementation, **kwargs)
     if implementation is not None:
         assert {m.implementation for m in offloaded_modules(model)} == {implementation}

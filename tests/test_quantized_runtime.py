@@ -57,7 +57,7 @@ def _reference(src, out) -> torch.nn.Module:
 def _load(path, budget):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return moe_engine.from_pretrained(path, budget=budget, device="cpu", dtype=torch.float32)
+        return moe_engine.from_pretrained(path, budget=budget, device="cpu", dtype=torch.float32, preload=False)
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
@@ -125,7 +125,8 @@ def test_quality_chooses_the_copy_per_load(quality, tiny_checkpoint, tmp_path):
         fast_want = fast_ref(ids).logits
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = moe_engine.from_pretrained(out, budget=0.3, device="cpu", dtype=torch.float32, quality=quality)
+        model = moe_engine.from_pretrained(out, budget=0.3, device="cpu", dtype=torch.float32, quality=quality,
+                                           preload=False)
     with model, torch.no_grad():
         got = model(ids).logits
         st = model.engine.stats()
@@ -200,7 +201,7 @@ def test_guardrail_falls_back_for_the_layer_forced_above_the_bound(tiny_checkpoi
         warnings.simplefilter("ignore")
         # An unreachable bound first: the checks run and report, nothing falls back.
         with moe_engine.from_pretrained(out, budget=0.3, device="cpu", dtype=torch.float32, quality="fast",
-                                        guardrail=1e6, guardrail_every=2) as model:
+                                        guardrail=1e6, guardrail_every=2, preload=False) as model:
             model.generate(ids, max_new_tokens=7, do_sample=False)
             st = model.engine.stats()
             assert st.guardrail_checks == 3 and st.guardrail_fallbacks == 0 and st.guardrail_max_kl > 0
@@ -208,7 +209,7 @@ def test_guardrail_falls_back_for_the_layer_forced_above_the_bound(tiny_checkpoi
             assert max(errors, key=errors.get) == 1  # the int2 layer has the largest error
         # A bound below the int2 layer's effect: layer 1 (and only layers as bad) goes back to full precision.
         with moe_engine.from_pretrained(out, budget=0.3, device="cpu", dtype=torch.float32, quality="fast",
-                                        guardrail=1e-9, guardrail_every=2) as model:
+                                        guardrail=1e-9, guardrail_every=2, preload=False) as model:
             out_ids = model.generate(ids, max_new_tokens=7, do_sample=False)
             st = model.engine.stats()
             guard = model.engine.guardrail

@@ -48,6 +48,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill-policy", default="stream", choices=["stream", "shared"],
                    help="how the prompt's forward pass uses the cache: stream (read the next layer ahead, "
                         "keep the decode working set; default) or shared (cached like a decode step)")
+    p.add_argument("--no-preload", dest="preload", action="store_false",
+                   help="start with an empty expert cache (default: fill the budget with experts while loading, "
+                        "each MoE layer an equal share, so the first prompt does not start cold)")
     p.add_argument("--quality", default="lossless", choices=["lossless", "balanced", "fast"],
                    help="which stored copy of an expert a load brings, for checkpoints from `moe-engine quantize "
                    "--copies`: lossless (its own format), balanced (a demand miss loads the smallest copy, a "
@@ -115,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
         prefetch_distance=args.prefetch_distance,
         page_cache=args.page_cache,
         prefill_policy=args.prefill_policy,
+        preload=args.preload,
         progress=True,
         threads=args.threads,
         quality=args.quality,

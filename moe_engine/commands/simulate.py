@@ -34,6 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="cache capacity as a share of all experts, in (0, 1] (required unless --list)")
     p.add_argument("--policy", default="auto", help="eviction policy (default auto); see --list")
     p.add_argument("--predictor", default=None, help="predictor whose scores drive prefetch (and predictive eviction)")
+    p.add_argument("--preload", action="store_true",
+                   help="start with the cache filled as moe_engine.from_pretrained does at load (default: empty)")
     p.add_argument("--distance", type=int, default=1, help="layers ahead the predictor scores (default 1)")
     p.add_argument(
         "--prefetch",
@@ -101,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
             predictor=args.predictor,
             distance=args.distance,
             prefetch=prefetch,
+            preload=args.preload,
             profile=args.profile,
             expert_bytes=args.expert_bytes,
             max_tokens=args.max_tokens,

@@ -54,6 +54,7 @@ from moe_engine.runtime.residency import (
     PrefetchRule,
     Residency,
     prediction_probs,
+    preload_order,
     scores_to_probs,
 )
 
@@ -156,6 +157,7 @@ class SimConfig:
     max_tokens: int | None = None  # replay only the first tokens of the trace
     capacity: int | None = None  # slots; None: ``capacity_for(budget, ...)``
     policy_kwargs: dict[str, Any] = field(default_factory=dict)
+    preload: bool = False  # start with the cache filled as the runtime's load does (Engine.preload)
 
     def __post_init__(self) -> None:
         if not 0 < self.budget <= 1:
@@ -378,7 +380,12 @@ def simulate(
     # late. Without one (profile=None) nothing is timed and every copy counts as arrived.
     clocks = [_Timeline(p, expert_bytes, cfg.layer_overhead_s, K) for p in PROFILES.values()] if cfg.profile else []
     main = next((c for c in clocks if c.profile.name == cfg.profile), None)
-    core = Residency(num_slots=capacity, policy=policy, num_layers=L, expert_bytes=expert_bytes, log=log)
+    core = Residency(num_slots=capacity, policy=policy, num_layers=L, expert_bytes=expert_bytes)
+    if cfg.preload:  # the runtime's cold start (Engine.preload): filled at load, nothing counted
+        for load in core.preload(preload_order([E] * L)):
+            core.loaded(load.key)
+        core.reset_stats()
+    core.log = log
     rule = PrefetchRule(per_layer=cfg.prefetch_per_layer, min_prob=cfg.prefetch_min_prob)
 
     # probs[d - 1][t, l]: predicted probabilities for layer l + d, known after token t's layer l is routed.

@@ -115,6 +115,8 @@ class EngineConfig:
       ``prefill_window`` of the slots, and reads the next layer ahead; ``moe_engine.runtime.engine``) or
       ``"shared"`` (a prefill is cached like a decode step).
     * ``prefill_window``: fraction of the slots a prefill may take from the decode working set.
+    * ``preload``: fill the fast tier with experts at load (``Engine.preload``), so the first forward pass
+      does not start from an empty cache.
     * ``host_tier``: on CUDA, ``"auto"`` (pinned host arena when it fits RAM, nothing pinned when every
       expert fits the budget, else disk), ``"pinned"`` or ``"disk"`` (``moe_engine.runtime.host_tier``).
     """
@@ -130,6 +132,7 @@ class EngineConfig:
     host_tier: str = "auto"
     prefill_policy: str = "stream"
     prefill_window: float = 0.25
+    preload: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "budget", parse_budget(self.budget))

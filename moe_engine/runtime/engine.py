@@ -41,7 +41,14 @@ from moe_engine.runtime.interrupts import deferred_interrupts
 from moe_engine.runtime.kernels import ExpertsKernel, make_kernel
 from moe_engine.runtime.mover import Mover
 from moe_engine.runtime.policies import ExpertKey
-from moe_engine.runtime.residency import Load, PrefetchRule, Residency, prediction_probs
+from moe_engine.runtime.residency import (
+    Compute,
+    Load,
+    PrefetchRule,
+    Residency,
+    prediction_probs,
+    preload_order,
+)
 from moe_engine.runtime.stats import EngineStats
 from moe_engine.runtime.store import CheckpointStore
 
@@ -171,6 +178,29 @@ class Engine:
             self.cache.free_memory()
             self.cache.tickets.clear()
 
+    # ------------------------------------------------------------------ cold start
+    def preload(self, progress: bool = False) -> int:
+        """Fill the fast tier's free room with experts now, so the first forward passes do not start
+        from an empty cache (stock offloading fills its memory at load too). Layers take turns, experts
+        in index order, so each MoE layer gets the same share: with no routing seen yet nothing says
+        which experts are hot, and a prefill needs every layer's. Counters are reset afterwards (the
+        reads are load time, not a forward pass's). Returns how many experts were read
+        (``moe_engine.runtime.residency.preload_order``; the simulator's ``SimConfig(preload=True)``)."""
+        with self.lock:
+            if self.closed:
+                raise ModelClosedError("this model was closed; load it again with moe_engine.from_pretrained")
+            keys = preload_order([info.num_experts for info in self.layers])
+            with deferred_interrupts():
+                loads = self.core.preload(keys)
+                for load in loads:
+                    self.cache._submit(load)
+            from tqdm.auto import tqdm
+
+            for load in tqdm(loads, desc="preloading experts", unit="expert", disable=not progress):
+                self.cache._await(Compute(load.key, load.slot, hit=False))
+            self.core.reset_stats()
+            return len(loads)
+
     # ------------------------------------------------------------------ prefill vs decode
     @contextlib.contextmanager
     def prefill(self, on: bool = True):
@@ -223,7 +253,13 @@ class Engine:
         on = self.config.prefill_policy == "stream" and self._is_prefill()
         if on or self.core.streaming:
             window = max(1, int(self.config.prefill_window * self.core.num_slots))
+            ended = self.core.streaming and not on
             self.core.set_streaming(on, window=window, new_pass=layer == 0)
+            # A prefill reads each layer's experts in file order: let the kernel read ahead
+            # (``moe_engine.runtime.store``), and drop what it read past the stream once it ends.
+            self.store.sequential = on
+            if (ended or (on and layer == 0)) and not self.store.page_cache:
+                self.store.drop_page_cache()  # also restarts the store's record of the stream's position
         return on
 
     def _read_ahead(self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor) -> list[Load]:

@@ -326,6 +326,7 @@ def from_pretrained(
     host_tier: str = "auto",
     prefill_policy: str = "stream",
     prefill_window: float = 0.25,
+    preload: bool = True,
     quality: str = "lossless",
     guardrail: float | None = None,
     guardrail_every: int = 16,
@@ -366,6 +367,9 @@ def from_pretrained(
             displaces at most ``prefill_window`` (a fraction) of the slots, its own loads leaving first
             afterwards, so the decode working set survives; "shared": as a decode step
             (``moe_engine.runtime.engine``).
+        preload: fill the budget with experts while loading (each MoE layer an equal share; what stock
+            offloading does too), so the first request does not start from an empty cache; costs
+            budget / read rate of load time. Off: the cache starts empty. (Not with expert parallelism.)
         threads: torch intra-op threads (a process-wide setting); default: half the physical cores
             (``moe_engine.runtime.threads``: torch's default of one per core slows a shared machine badly).
         quality: which stored copy of an expert a load brings (``moe_engine.runtime.quality``):
@@ -437,6 +441,7 @@ def from_pretrained(
         host_tier=host_tier,
         prefill_policy=prefill_policy,
         prefill_window=prefill_window,
+        preload=preload,
     )
     if policy != "none":
         make_policy(policy, num_layers=1, num_experts=1, capacity=1)  # unknown names fail before any work
@@ -598,6 +603,8 @@ def from_pretrained(
             from moe_engine.distributed import attach
 
             attach(model, plan=ep_plan, mode=ep_mode)
+        elif preload:
+            engine.preload(progress=progress)
         return model
     except BaseException:
         store.close()

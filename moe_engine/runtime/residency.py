@@ -144,7 +144,7 @@ class Residency:
 
     ``log``: when a list, every decision is appended to it as ``(event, key)`` with event one of
     ``"hit"`` (resident when its layer started, ready or late), ``"miss"``, ``"load"`` (a demand load
-    started), ``"prefetch"``, ``"evict"`` and ``"fail"``: the sequence the simulator/runtime
+    started), ``"prefetch"``, ``"preload"``, ``"evict"`` and ``"fail"``: the sequence the simulator/runtime
     equivalence test compares.
     """
 
@@ -628,6 +628,31 @@ class Residency:
             self._keep = set()
         return loads
 
+    def preload(self, keys: Sequence[ExpertKey]) -> list[Load]:
+        """Fill room that is free now with ``keys``, in order, evicting nothing (a cold start: the
+        cache filled before the first forward pass, as stock offloading fills its memory at load).
+        Entries are ordinary (not prefetched, not stream); counters are left alone except bytes moved,
+        which the caller resets. Stops at the first key that does not fit. Returns the loads."""
+        loads: list[Load] = []
+        if not self.keep_resident:
+            return loads
+        for k in keys:
+            if k in self.entries:
+                continue
+            if not self.free:
+                break
+            if self.size_of is not None and self.used_bytes + self.size_of(k, True)[0] > self.budget_bytes:
+                break
+            slot = self._admit(k, True)  # the prefetch copy (balanced quality: the expert's own format)
+            assert slot is not None  # there was room: nothing is evicted
+            e = self.entries[k]
+            e.prefetched = False
+            self.prefetch_bytes[k[0]] -= e.nbytes
+            if self.log is not None:
+                self.log.append(("preload", k))
+            loads.append(Load(k, slot, prefetch=True))
+        return loads
+
     # ------------------------------------------------------------------ stats
     def record_stall(self, key: ExpertKey, seconds: float, late: bool) -> None:
         self.c.stall_seconds[key[0]] += seconds
@@ -664,6 +689,13 @@ class Residency:
         self.prefetch_bytes = [0] * self.num_layers
         self.peak_resident = self.used_bytes if self.size_of is not None else len(self.entries)
         self.predict_seconds = 0.0
+
+
+def preload_order(experts_per_layer: Sequence[int]) -> list[ExpertKey]:
+    """The keys a cold start fills the fast tier with (``Residency.preload``), best first: layers take
+    turns, experts in index order, so each layer gets the same share (no routing is known yet)."""
+    most = max(experts_per_layer, default=0)
+    return [(layer, e) for e in range(most) for layer, n in enumerate(experts_per_layer) if e < n]
 
 
 # ---------------------------------------------------------------------- predictions, shared by both drivers

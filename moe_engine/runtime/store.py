@@ -7,6 +7,16 @@ bytes, and reading them into a caller's buffer with ``os.preadv``. By default th
 dropped from the OS page cache (``posix_fadvise(DONTNEED)``) so the fast-tier budget is the real
 memory bound, not a page cache silently holding every expert.
 
+Two descriptors per shard (page cache off): reads are random by default (``POSIX_FADV_RANDOM``: the
+kernel reads exactly the requested bytes, nothing past them). While ``sequential`` is set (the engine
+sets it during a prefill, whose reads walk each layer's experts in file order) reads go through a
+second descriptor with the kernel's normal readahead, which keeps the disk busy between one read and
+the next (measured on this project's VMs: 0.6-0.7 GB/s random vs 1.0-1.2 GB/s with readahead for the
+same expert-sized reads). Its pages are dropped after each read as well, and so are the bytes a
+stream skipped (experts already resident, into which readahead may have run); what readahead fetched
+past the last read is dropped by ``drop_page_cache()`` (the engine calls it when the prefill ends), so
+at most a readahead window per shard outlives a prefill (pages still being read when it is dropped).
+
 Hostile or damaged files fail at ``open()`` with a ``CheckpointError`` naming the file, the tensor
 and the problem: header entries must have known dtypes, non-negative integer dims and
 ``data_offsets`` whose byte spans match shape x dtype, lie inside the file and overlap no other
@@ -45,6 +55,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -397,6 +408,7 @@ def _identity(st: os.stat_result) -> _Identity:
 class _OpenFile:
     fd: int
     identity: _Identity
+    seq_fd: int | None = None  # the readahead descriptor for ``sequential`` reads (page cache off)
 
 
 class CheckpointStore:
@@ -423,6 +435,8 @@ class CheckpointStore:
         self._closed = False
         self._changed: str | None = None  # set once a change is seen: the store is stale
         self.bytes_read = 0
+        self.sequential = False  # reads go through the readahead descriptors (module docstring)
+        self._stream_end: dict[Path, int] = {}  # file -> end of the furthest sequential read
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -484,7 +498,9 @@ class CheckpointStore:
                     )
         except BaseException:
             for f in opened.values():
-                os.close(f.fd)
+                for fd in (f.fd, f.seq_fd):
+                    if fd is not None:
+                        os.close(fd)
             raise
         return cls(root, tensors, page_cache=page_cache, files=opened)
 
@@ -506,6 +522,13 @@ class CheckpointStore:
         if not page_cache and hasattr(os, "posix_fadvise"):
             # Expert reads are random: readahead would only pull pages nobody asked for.
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+            try:  # a second descriptor with normal readahead, for sequential streams (a prefill)
+                seq = os.open(file, os.O_RDONLY)
+            except OSError as exc:
+                raise CheckpointError(f"checkpoint shard {file}{listed} cannot be opened ({exc})") from None
+            opened[file] = dataclasses.replace(opened[file], seq_fd=seq)
+            if _identity(os.fstat(seq)) != opened[file].identity:
+                raise CheckpointError(f"checkpoint shard {file}{listed} changed while it was being opened; try again")
         return _read_header(fd, file, st.st_size)
 
     # ------------------------------------------------------------------ guarding reads
@@ -581,8 +604,16 @@ class CheckpointStore:
     # ------------------------------------------------------------------ reading
     def _pread_full(self, file: Path, views: list[memoryview], offset: int) -> None:
         """Fill ``views`` (in order) from ``offset`` with as few ``preadv`` calls as the OS allows."""
-        fd = self._files[file].fd
+        f = self._files[file]
         start, total = offset, sum(v.nbytes for v in views)
+        fd, skipped = f.fd, None
+        if self.sequential and f.seq_fd is not None:
+            fd = f.seq_fd
+            with self._lock:  # bytes a stream skipped (experts already resident) may hold readahead pages
+                last = self._stream_end.get(file)
+                self._stream_end[file] = max(last or 0, start + total)
+            if last is not None and start > last:
+                skipped = (last, start - last)
         while views:
             n = os.preadv(fd, views, offset)
             if n <= 0:
@@ -595,6 +626,8 @@ class CheckpointStore:
                 views[0] = views[0][n:]
         if not self.page_cache and hasattr(os, "posix_fadvise"):
             os.posix_fadvise(fd, start, total, os.POSIX_FADV_DONTNEED)
+            if skipped is not None:
+                os.posix_fadvise(fd, skipped[0], skipped[1], os.POSIX_FADV_DONTNEED)
         with self._lock:
             self.bytes_read += total
 
@@ -693,8 +726,11 @@ class CheckpointStore:
             self._pread_full(run[0][0].file, views, run[0][0].offset)
 
     def drop_page_cache(self) -> None:
-        """Ask the OS to drop every checkpoint file's cached pages (benchmarks: a cold start)."""
+        """Ask the OS to drop every checkpoint file's cached pages (a cold start; the end of a sequential
+        stream, whose readahead went past its last read)."""
         with self._reading(set()):
+            with self._lock:
+                self._stream_end.clear()
             for f in self._files.values():
                 os.posix_fadvise(f.fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
@@ -705,10 +741,12 @@ class CheckpointStore:
 
     def _close_fds(self) -> None:
         for f in self._files.values():
-            try:
-                os.close(f.fd)
-            except OSError:
-                pass
+            for fd in (f.fd, f.seq_fd):
+                if fd is not None:
+                    try:
+                        os.close(fd)
+                    except OSError:
+                        pass
 
     def close(self) -> None:
         """Close every file. Idempotent; reads afterwards raise RuntimeError (reads still running finish)."""
