@@ -207,12 +207,8 @@ class Engine:
         """Within this context the calling thread's forward passes are prefills (``on``) or decode steps,
         whatever their shape (otherwise the loader's hook on the decoder decides for each forward pass:
         a prefill has more than one new position per sequence)."""
-        old = getattr(self._phase, "forced", None)
-        self._phase.forced = on
-        try:
+        with self._thread_setting("forced", on):
             yield
-        finally:
-            self._phase.forced = old
 
     @contextlib.contextmanager
     def expected_experts(self, keys):
@@ -223,12 +219,18 @@ class Engine:
         plan: dict[int, list[int]] = {}
         for layer, e in sorted(keys):
             plan.setdefault(int(layer), []).append(int(e))
-        old = getattr(self._phase, "plan", None)
-        self._phase.plan = plan
+        with self._thread_setting("plan", plan):
+            yield
+
+    @contextlib.contextmanager
+    def _thread_setting(self, name: str, value):
+        """Set the calling thread's ``name`` (in ``self._phase``) within the block; the old value after."""
+        old = getattr(self._phase, name, None)
+        setattr(self._phase, name, value)
         try:
             yield
         finally:
-            self._phase.plan = old
+            setattr(self._phase, name, old)
 
     def _prefetch_planned(self, layer: int, plan: dict[int, list[int]]) -> list[Load]:
         """``_prefetch`` from a caller's plan (``expected_experts``): the next layer's planned experts."""
