@@ -181,3 +181,19 @@ def test_a_callers_plan_replaces_the_predictor_for_prefetch(tiny_checkpoint):
     with torch.no_grad():
         model(torch.tensor([[9]]))
     assert {key for event, key in log if event == "prefetch"} - plan  # the predictor's own choices again
+
+
+def test_a_callers_plan_is_capped_per_layer_most_expected_first(tiny_checkpoint):
+    """A plan naming most of a layer (a big batch) prefetches at most ``prefetch_per_layer`` of its keys
+    per layer and step: those the most sequences expect (keys repeat, one per sequence)."""
+    path = tiny_checkpoint("qwen3_moe")
+    cfg = AutoConfig.from_pretrained(path)
+    one = tiny_models.expert_bytes(cfg)
+    model = _load(path, budget=8 * one, predictor="cross_layer_gate", prefetch_per_layer=2)
+    engine = model.engine
+    log: list = []
+    engine.core.log = log
+    plan = [(1, e) for e in range(cfg.num_experts)] + [(1, 5), (1, 5), (1, 2)]  # 5 twice more, 2 once more
+    with torch.no_grad(), engine.expected_experts(plan):
+        model(torch.tensor([[7]]))
+    assert [key for event, key in log if event == "prefetch" and key[0] == 1] == [(1, 5), (1, 2)]

@@ -25,6 +25,7 @@ Example::
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import threading
@@ -214,11 +215,15 @@ class Engine:
     def expected_experts(self, keys):
         """Within this context the calling thread's decode steps prefetch, for each next MoE layer, the
         ``(layer, expert)`` keys given here instead of asking the predictor: for a caller that knows a
-        step's routing better (the server remembers where each token id was routed). Only where prefetch
-        is on (a predictor is configured)."""
+        step's routing better (the server remembers where each token id was routed). ``keys`` may repeat
+        a key (one per sequence expecting it): the most expected go first, and at most
+        ``prefetch_per_layer`` per layer and step, the predictor's cap (a batch expecting every expert
+        of a layer would otherwise prefetch the whole layer at every step). Only where prefetch is on (a
+        predictor is configured)."""
+        counts = collections.Counter((int(layer), int(e)) for layer, e in keys)
         plan: dict[int, list[int]] = {}
-        for layer, e in sorted(keys):
-            plan.setdefault(int(layer), []).append(int(e))
+        for (layer, e), _ in sorted(counts.items(), key=lambda kv: (kv[0][0], -kv[1], kv[0][1])):
+            plan.setdefault(layer, []).append(e)
         with self._thread_setting("plan", plan):
             yield
 
@@ -238,7 +243,7 @@ class Engine:
         try:
             ranked = [(layer + 1, e) for e in plan.get(layer + 1, ())]
             with deferred_interrupts():
-                return self.core.prefetch(ranked, limit=len(ranked))
+                return self.core.prefetch(ranked, limit=self.config.prefetch_per_layer)
         finally:
             self.core.predict_seconds += time.perf_counter() - t0
 

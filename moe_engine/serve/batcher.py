@@ -362,7 +362,7 @@ class Batcher:
             rows.append((s, [s.pending]))
         engine = getattr(self.model, "engine", None)
         if engine is not None:  # the step's predicted experts are the engine's prefetch plan (if it prefetches)
-            with engine.expected_experts(frozenset().union(*(s.predicted for s in chosen))):
+            with engine.expected_experts([key for s in chosen for key in s.predicted]):  # one vote per sequence
                 logits = self._forward(rows)
         else:
             logits = self._forward(rows)
