@@ -162,16 +162,22 @@ def test_budget_below_one_tokens_working_set_warns(tiny_checkpoint):
         _load(path, budget=4 * one)  # exactly the working set: no warning
 
 
+def _logged_prefetcher(tiny_checkpoint, slots: int, **kw):
+    """A tiny qwen3_moe model with cross-layer-gate prefetch, ``slots`` experts of budget and its core's
+    decision log: ``(model, config, log)``."""
+    path = tiny_checkpoint("qwen3_moe")
+    cfg = AutoConfig.from_pretrained(path)
+    model = _load(path, budget=slots * tiny_models.expert_bytes(cfg), predictor="cross_layer_gate", **kw)
+    log: list = []
+    model.engine.core.log = log
+    return model, cfg, log
+
+
 def test_a_callers_plan_replaces_the_predictor_for_prefetch(tiny_checkpoint):
     """``engine.expected_experts(keys)``: a decode step prefetches exactly the planned experts of each next
     layer (the server's token-route memory), not the predictor's; outside the context the predictor runs."""
-    path = tiny_checkpoint("qwen3_moe")
-    cfg = AutoConfig.from_pretrained(path)
-    one = tiny_models.expert_bytes(cfg)
-    model = _load(path, budget=6 * one, predictor="cross_layer_gate", prefetch_min_prob=0.0)
+    model, cfg, log = _logged_prefetcher(tiny_checkpoint, slots=6, prefetch_min_prob=0.0)
     engine = model.engine
-    log: list = []
-    engine.core.log = log
     plan = {(1, 3), (1, 6), (2, 0)}
     with torch.no_grad(), engine.expected_experts(plan):
         model(torch.tensor([[7]]))
@@ -186,13 +192,8 @@ def test_a_callers_plan_replaces_the_predictor_for_prefetch(tiny_checkpoint):
 def test_a_callers_plan_is_capped_per_layer_most_expected_first(tiny_checkpoint):
     """A plan naming most of a layer (a big batch) prefetches at most ``prefetch_per_layer`` of its keys
     per layer and step: those the most sequences expect (keys repeat, one per sequence)."""
-    path = tiny_checkpoint("qwen3_moe")
-    cfg = AutoConfig.from_pretrained(path)
-    one = tiny_models.expert_bytes(cfg)
-    model = _load(path, budget=8 * one, predictor="cross_layer_gate", prefetch_per_layer=2)
+    model, cfg, log = _logged_prefetcher(tiny_checkpoint, slots=8, prefetch_per_layer=2)
     engine = model.engine
-    log: list = []
-    engine.core.log = log
     plan = [(1, e) for e in range(cfg.num_experts)] + [(1, 5), (1, 5), (1, 2)]  # 5 twice more, 2 once more
     with torch.no_grad(), engine.expected_experts(plan):
         model(torch.tensor([[7]]))
