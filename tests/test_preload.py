@@ -110,10 +110,10 @@ def test_a_prefill_reads_through_the_readahead_descriptors_and_drops_them_after(
     assert seen and not any(seen) and not store.sequential
     assert not store._stream_end  # the stream's pages were dropped (drop_page_cache restarts the record)
     del store.read_expert_into
-    fds = [fd for f in store._files.values() for fd in (f.fd, f.seq_fd)]
-    assert all(fd is not None for fd in fds)
+    fds = [fd for f in store._files.values() for fd in f.fds]
+    assert all(f.seq_fd is not None for f in store._files.values())
     model.close()
-    for fd in fds:  # both descriptors of every shard are closed
+    for fd in fds:  # every descriptor of every shard (random, readahead, O_DIRECT) is closed
         with pytest.raises(OSError):
             os.fstat(fd)
 
@@ -134,3 +134,41 @@ def test_sequential_and_random_reads_give_the_same_bytes(tiny_checkpoint):
         assert not store._stream_end
     finally:
         store.close()
+
+
+def test_direct_reads_equal_buffered_reads_and_fall_back(tiny_checkpoint, monkeypatch):
+    """O_DIRECT reads (page-aligned spans through a bounce buffer, several chunks per tensor here) give
+    the bytes buffered reads give; a filesystem refusing them (EINVAL) falls back to buffered reads."""
+    import errno
+
+    from moe_engine.runtime import store as store_mod
+    from moe_engine.runtime.store import CheckpointStore
+
+    path, cfg, one = _tiny(tiny_checkpoint)
+    buffered = CheckpointStore.open(path, page_cache=True)  # no O_DIRECT descriptor
+    names = list(buffered.tensors)[:12]
+    direct = CheckpointStore.open(path)
+    try:
+        if not any(f.direct_fd is not None for f in direct._files.values()):
+            pytest.skip("this filesystem has no O_DIRECT")
+        monkeypatch.setattr(store_mod, "_DIRECT_CHUNK", store_mod._DIRECT_ALIGN)  # many chunks per tensor
+        want = [buffered.read_tensor(n) for n in names]
+        got = [direct.read_tensor(n) for n in names]
+        assert all(torch.equal(a, b) for a, b in zip(want, got))
+        assert direct.bytes_read == buffered.bytes_read and not direct._no_direct
+
+        real = os.preadv
+        direct_fds = {f.direct_fd for f in direct._files.values()}
+
+        def refuse(fd, bufs, offset):
+            if fd in direct_fds:
+                raise OSError(errno.EINVAL, "Invalid argument")
+            return real(fd, bufs, offset)
+
+        monkeypatch.setattr(os, "preadv", refuse)
+        again = [direct.read_tensor(n) for n in names]
+        assert all(torch.equal(a, b) for a, b in zip(want, again))
+        assert direct._no_direct  # later reads skip O_DIRECT
+    finally:
+        buffered.close()
+        direct.close()

@@ -7,8 +7,12 @@ bytes, and reading them into a caller's buffer with ``os.preadv``. By default th
 dropped from the OS page cache (``posix_fadvise(DONTNEED)``) so the fast-tier budget is the real
 memory bound, not a page cache silently holding every expert.
 
-Two descriptors per shard (page cache off): reads are random by default (``POSIX_FADV_RANDOM``: the
-kernel reads exactly the requested bytes, nothing past them). While ``sequential`` is set (the engine
+Descriptors per shard (page cache off): reads are random by default. Where the filesystem supports
+``O_DIRECT`` they go through an ``O_DIRECT`` descriptor (the device copies straight into a page-aligned
+bounce buffer, the page cache is not touched: about half the CPU of a buffered read and its
+``DONTNEED``); elsewhere (tmpfs, macOS), or once the filesystem refuses an aligned read, through a
+buffered descriptor with ``POSIX_FADV_RANDOM`` (the kernel reads exactly the requested bytes, nothing
+past them) whose pages are dropped after each read. While ``sequential`` is set (the engine
 sets it during a prefill, whose reads walk each layer's experts in file order) reads go through a
 second descriptor with the kernel's normal readahead, which keeps the disk busy between one read and
 the next (measured on this project's VMs: 0.6-0.7 GB/s random vs 1.0-1.2 GB/s with readahead for the
@@ -56,8 +60,10 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import math
+import mmap
 import os
 import stat
 import struct
@@ -145,6 +151,9 @@ class ExpertLocation:
 
 
 _ALIGN = 64  # bytes: tensors read whole keep their file offset's alignment modulo this
+_DIRECT_ALIGN = 4096  # O_DIRECT offsets, lengths and buffers are multiples of this (a page; >= any block size)
+_DIRECT_CHUNK = 4 << 20  # bytes per O_DIRECT read: the largest bounce buffer a reading thread keeps
+_bounce = threading.local()  # each reading thread's page-aligned bounce buffer for O_DIRECT reads
 
 
 class CheckpointError(ValueError):
@@ -400,6 +409,45 @@ def _config_block_size(root: Path) -> tuple[int, int] | None:
 _Identity = tuple[int, int, int, int, int]
 
 
+def _open_direct(file: Path) -> int | None:
+    """An ``O_DIRECT`` descriptor of ``file``, or None where the OS or filesystem has none (tmpfs, macOS)."""
+    if not hasattr(os, "O_DIRECT"):
+        return None
+    try:
+        return os.open(file, os.O_RDONLY | os.O_DIRECT)
+    except OSError:
+        return None
+
+
+def _bounce_buffer(nbytes: int) -> mmap.mmap:
+    """This thread's page-aligned scratch buffer of at least ``nbytes`` (anonymous mmaps are page-aligned)."""
+    buf = getattr(_bounce, "buf", None)
+    if buf is None or len(buf) < nbytes:
+        buf = mmap.mmap(-1, nbytes)
+        _bounce.buf = buf
+    return buf
+
+
+def _runs(
+    dests: list[tuple[TensorLocation, torch.Tensor]], *, same_dtype: bool = False
+) -> list[list[tuple[TensorLocation, torch.Tensor]]]:
+    """``dests`` grouped into runs of parts byte-adjacent in one file (in file order), each run one read;
+    with ``same_dtype`` a run also holds one stored dtype (so every part's bytes view as that dtype)."""
+    runs: list[list[tuple[TensorLocation, torch.Tensor]]] = []
+    for p, d in sorted(dests, key=lambda pd: (str(pd[0].file), pd[0].offset)):
+        last = runs[-1][-1][0] if runs else None
+        if (
+            last is not None
+            and p.file == last.file
+            and p.offset == last.offset + last.nbytes
+            and (not same_dtype or p.dtype == last.dtype)
+        ):
+            runs[-1].append((p, d))
+        else:
+            runs.append([(p, d)])
+    return runs
+
+
 def _identity(st: os.stat_result) -> _Identity:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
@@ -409,6 +457,11 @@ class _OpenFile:
     fd: int
     identity: _Identity
     seq_fd: int | None = None  # the readahead descriptor for ``sequential`` reads (page cache off)
+    direct_fd: int | None = None  # an ``O_DIRECT`` descriptor for random reads (page cache off, where supported)
+
+    @property
+    def fds(self) -> tuple[int, ...]:
+        return tuple(fd for fd in (self.fd, self.seq_fd, self.direct_fd) if fd is not None)
 
 
 class CheckpointStore:
@@ -437,6 +490,7 @@ class CheckpointStore:
         self.bytes_read = 0
         self.sequential = False  # reads go through the readahead descriptors (module docstring)
         self._stream_end: dict[Path, int] = {}  # file -> end of the furthest sequential read
+        self._no_direct: set[Path] = set()  # files whose O_DIRECT reads the filesystem refused (EINVAL)
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -498,9 +552,8 @@ class CheckpointStore:
                     )
         except BaseException:
             for f in opened.values():
-                for fd in (f.fd, f.seq_fd):
-                    if fd is not None:
-                        os.close(fd)
+                for fd in f.fds:
+                    os.close(fd)
             raise
         return cls(root, tensors, page_cache=page_cache, files=opened)
 
@@ -529,6 +582,13 @@ class CheckpointStore:
             opened[file] = dataclasses.replace(opened[file], seq_fd=seq)
             if _identity(os.fstat(seq)) != opened[file].identity:
                 raise CheckpointError(f"checkpoint shard {file}{listed} changed while it was being opened; try again")
+            direct = _open_direct(file)
+            if direct is not None:
+                opened[file] = dataclasses.replace(opened[file], direct_fd=direct)
+                if _identity(os.fstat(direct)) != opened[file].identity:
+                    raise CheckpointError(
+                        f"checkpoint shard {file}{listed} changed while it was being opened; try again"
+                    )
         return _read_header(fd, file, st.st_size)
 
     # ------------------------------------------------------------------ guarding reads
@@ -614,6 +674,13 @@ class CheckpointStore:
                 self._stream_end[file] = max(last or 0, start + total)
             if last is not None and start > last:
                 skipped = (last, start - last)
+        elif f.direct_fd is not None and file not in self._no_direct:
+            if self._pread_direct(f.direct_fd, file, views, offset, total):
+                with self._lock:
+                    self.bytes_read += total
+                return
+            with self._lock:
+                self._no_direct.add(file)  # the filesystem refuses these reads: buffered from now on
         while views:
             n = os.preadv(fd, views, offset)
             if n <= 0:
@@ -630,6 +697,41 @@ class CheckpointStore:
                 os.posix_fadvise(fd, skipped[0], skipped[1], os.POSIX_FADV_DONTNEED)
         with self._lock:
             self.bytes_read += total
+
+    @staticmethod
+    def _pread_direct(fd: int, file: Path, views: list[memoryview], offset: int, total: int) -> bool:
+        """Fill ``views`` from ``offset`` through the ``O_DIRECT`` descriptor ``fd``: page-aligned reads of
+        the aligned span around the bytes, at most ``_DIRECT_CHUNK`` at a time, into this thread's bounce
+        buffer, copied out. No page cache is touched, so nothing needs dropping, and the kernel copies
+        straight from the device (measured on this project's VMs, a 147 KB expert: 0.36-0.42 ms wall and
+        0.15-0.21 ms CPU, against 0.62-0.80 ms and 0.42-0.50 ms buffered with ``DONTNEED``).
+
+        Returns False, having filled nothing for sure, when the filesystem refuses the alignment
+        (``EINVAL``); the caller then reads buffered. Views filled partly before that are rewritten.
+        """
+        pos, end = offset, offset + total
+        views = list(views)
+        while pos < end:
+            base = pos - pos % _DIRECT_ALIGN
+            span = -(-min(end - base, _DIRECT_CHUNK) // _DIRECT_ALIGN) * _DIRECT_ALIGN
+            window = memoryview(_bounce_buffer(span))[:span]
+            try:
+                n = os.preadv(fd, [window], base)
+            except OSError as exc:
+                if exc.errno == errno.EINVAL:
+                    return False
+                raise
+            got = min(n - (pos - base), end - pos)
+            if got <= 0:
+                raise CheckpointError(f"unexpected end of file while reading {file}; the file is truncated")
+            src = window[pos - base : pos - base + got]
+            while src.nbytes:
+                k = min(src.nbytes, views[0].nbytes)
+                views[0][:k] = src[:k]
+                src = src[k:]
+                views = views[1:] if k == views[0].nbytes else [views[0][k:], *views[1:]]
+            pos += got
+        return True
 
     def _read_raw(self, loc: TensorLocation) -> torch.Tensor:
         """The stored tensor at ``loc`` (no scaling); the caller holds ``_reading``.
@@ -692,10 +794,18 @@ class CheckpointStore:
             offset += numel
         assert offset == slot.numel(), (offset, slot.numel())
         direct = [(p, d) for p, d in dests if p.scale is None and p.dtype == slot.dtype and d.is_contiguous()]
+        converted = [(p, d) for p, d in dests if p.scale is None and (p.dtype != slot.dtype or not d.is_contiguous())]
         with self._reading(self._files_of(list(loc.parts))):
             self._read_runs(direct)
+            for run in _runs(converted, same_dtype=True):  # one read per run, then one conversion per part
+                staging = torch.empty(sum(p.nbytes for p, _ in run), dtype=torch.uint8)
+                self._pread_full(run[0][0].file, [memoryview(staging.numpy())], run[0][0].offset)  # type: ignore[arg-type]
+                at = 0
+                for p, d in run:
+                    d.copy_(staging[at : at + p.nbytes].view(p.dtype).reshape(-1))
+                    at += p.nbytes
             for p, d in dests:
-                if p.scale is not None or p.dtype != slot.dtype or not d.is_contiguous():
+                if p.scale is not None:
                     d.copy_(self._read_value(p, slot.dtype).reshape(-1))
 
     def _read_packed_into(self, loc: ExpertLocation, slot: torch.Tensor) -> None:
@@ -714,14 +824,7 @@ class CheckpointStore:
     def _read_runs(self, dests: list[tuple[TensorLocation, torch.Tensor]]) -> None:
         """Read each part's stored bytes into its destination view; parts byte-adjacent in one file are
         read with one scatter ``preadv`` (the caller holds ``_reading``)."""
-        runs: list[list[tuple[TensorLocation, torch.Tensor]]] = []
-        for p, d in sorted(dests, key=lambda pd: (str(pd[0].file), pd[0].offset)):
-            last = runs[-1][-1][0] if runs else None
-            if last is not None and p.file == last.file and p.offset == last.offset + last.nbytes:
-                runs[-1].append((p, d))
-            else:
-                runs.append([(p, d)])
-        for run in runs:
+        for run in _runs(dests):
             views = [memoryview(d.view(torch.uint8).numpy()) for _, d in run]  # type: ignore[arg-type]
             self._pread_full(run[0][0].file, views, run[0][0].offset)
 
@@ -741,12 +844,11 @@ class CheckpointStore:
 
     def _close_fds(self) -> None:
         for f in self._files.values():
-            for fd in (f.fd, f.seq_fd):
-                if fd is not None:
-                    try:
-                        os.close(fd)
-                    except OSError:
-                        pass
+            for fd in f.fds:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
 
     def close(self) -> None:
         """Close every file. Idempotent; reads afterwards raise RuntimeError (reads still running finish)."""
