@@ -28,8 +28,8 @@ tensor; the index's ``weight_map`` must map tensor names to relative file names 
 checkpoint folder.
 
 Changed files: every shard is opened at ``open()`` and its identity (device, inode, size, mtime,
-ctime) recorded. Each read checks the path (``stat``) and the open descriptor (``fstat``) before
-and after reading; a difference (file replaced, truncated or rewritten in place) raises
+ctime) recorded. Each read checks the path (``stat``) and the open descriptor (``fstat``) after
+reading; a difference (file replaced, truncated or rewritten in place) raises
 ``CheckpointChangedError`` and makes the store *stale*: every later read, and
 ``check_unchanged()``, raises it too, so bytes of a changed file are never handed out and old and
 new weights never mix. (Detection is by metadata: a rewrite that keeps size and inode within one
@@ -448,6 +448,32 @@ def _runs(
     return runs
 
 
+def _conversions(
+    run: list[tuple[TensorLocation, torch.Tensor]], slot: torch.Tensor
+) -> list[tuple[tuple[int, int], torch.Tensor]]:
+    """A run's parts (one dtype, byte-adjacent in file order) as ``((start, end) in the run's elements,
+    destination)`` copies; parts next to each other both in the file and in a contiguous ``slot`` merge
+    into one copy (an expert's ``gate, up`` usually are: one conversion instead of two). Every copy
+    releases and retakes the GIL, which the compute thread then waits for: fewer copies, fewer waits."""
+    merge = slot.is_contiguous()
+    base, size = slot.data_ptr(), slot.element_size()
+    spans: list[list[int]] = []  # [start, end, slot start or -1]
+    dests: list[torch.Tensor] = []
+    at = 0
+    for p, d in run:
+        n = d.numel()
+        dst = (d.data_ptr() - base) // size if merge else -1
+        last = spans[-1] if spans else None
+        if merge and last is not None and last[1] == at and last[2] + (last[1] - last[0]) == dst:
+            last[1] = at + n
+            dests[-1] = slot[last[2] : last[2] + last[1] - last[0]]
+        else:
+            spans.append([at, at + n, dst])
+            dests.append(d)
+        at += n
+    return [((a, b), d) for (a, b, _), d in zip(spans, dests, strict=True)]
+
+
 def _identity(st: os.stat_result) -> _Identity:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
@@ -640,11 +666,12 @@ class CheckpointStore:
 
     @contextmanager
     def _reading(self, files: set[Path]) -> Iterator[None]:
-        """Guard one read: the store is open and not stale, and ``files`` are unchanged before and after."""
+        """Guard one read: the store is open and not stale, and ``files`` are unchanged after it. (A check
+        before the read adds nothing: identities are compared with those recorded at ``open()``, so a
+        change before the read is seen after it; each check costs syscalls, i.e. GIL handovers.)"""
         registered = False
         try:
             registered = self._begin()
-            self._verify(files)
             try:
                 yield
             except (CheckpointError, OSError):
@@ -797,13 +824,12 @@ class CheckpointStore:
         converted = [(p, d) for p, d in dests if p.scale is None and (p.dtype != slot.dtype or not d.is_contiguous())]
         with self._reading(self._files_of(list(loc.parts))):
             self._read_runs(direct)
-            for run in _runs(converted, same_dtype=True):  # one read per run, then one conversion per part
+            for run in _runs(converted, same_dtype=True):  # one read per run, then as few conversions as can be
                 staging = torch.empty(sum(p.nbytes for p, _ in run), dtype=torch.uint8)
                 self._pread_full(run[0][0].file, [memoryview(staging.numpy())], run[0][0].offset)  # type: ignore[arg-type]
-                at = 0
-                for p, d in run:
-                    d.copy_(staging[at : at + p.nbytes].view(p.dtype).reshape(-1))
-                    at += p.nbytes
+                values = staging.view(run[0][0].dtype)
+                for (a, b), d in _conversions(run, slot):
+                    d.copy_(values[a:b])
             for p, d in dests:
                 if p.scale is not None:
                     d.copy_(self._read_value(p, slot.dtype).reshape(-1))

@@ -201,9 +201,13 @@ class Service:
 
     # ------------------------------------------------------------------ generation
     async def generate(self, ids: list[int], params: SamplingParams, stops: list[str],
-                       request: Request) -> AsyncIterator[tuple[str, str | None]]:  # fmt: skip
+                       request: Request, incremental: bool = True) -> AsyncIterator[tuple[str, str | None]]:  # fmt: skip
         """Yield ``(text_delta, None)`` as tokens arrive, then ``("", finish_reason)``. The sequence is
-        cancelled in the engine whenever this generator stops early (client gone, stop string)."""
+        cancelled in the engine whenever this generator stops early (client gone, stop string).
+
+        ``incremental`` False (a non-streaming request): without stop strings the text is decoded once at
+        the end instead of at every token (this loop shares the GIL with the engine thread: at 16
+        requests a step, per-token decoding is work taken from the step)."""
         if self.draining:
             raise APIError(503, "the server is shutting down", type_="server_error", code="shutting_down")
         loop = asyncio.get_running_loop()
@@ -226,9 +230,12 @@ class Service:
         try:
             while True:
                 try:
-                    ev = await asyncio.wait_for(queue.get(), timeout=0.5)
-                except asyncio.TimeoutError:
-                    ev = None
+                    ev = queue.get_nowait()  # the common case under load: no waiting task to create
+                except asyncio.QueueEmpty:
+                    try:
+                        ev = await asyncio.wait_for(queue.get(), timeout=0.5)
+                    except asyncio.TimeoutError:
+                        ev = None
                 if time.monotonic() - checked >= 0.5 or ev is None:
                     # A client gone (non-streaming: nothing else notices) frees its sequence within 0.5 s.
                     checked = time.monotonic()
@@ -238,6 +245,8 @@ class Service:
                     continue
                 if ev.token is not None:
                     tokens.append(ev.token)
+                    if not incremental and not stops:
+                        continue
                     text = self.tokenizer.decode(tokens, skip_special_tokens=True)
                     cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
                     if cut >= 0:
@@ -338,7 +347,7 @@ def create_app(service: Service, *, lifespan=None) -> FastAPI:
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         kind = "chat.completion" if chat else "text_completion"
-        gen = service.generate(ids, params, stops, request)
+        gen = service.generate(ids, params, stops, request, incremental=stream)
         if stream:
             include_usage = bool((body.get("stream_options") or {}).get("include_usage")) if isinstance(
                 body.get("stream_options"), dict) else False  # fmt: skip
