@@ -77,6 +77,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from moe_engine.runtime.interrupts import deferred_interrupts
+
 _DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -520,9 +522,10 @@ class CheckpointStore:
 
     # ------------------------------------------------------------------ opening
     @classmethod
-    def open(cls, root: str | os.PathLike, *, page_cache: bool = False) -> CheckpointStore:
+    def open(cls, root: str | os.PathLike, *, page_cache: bool = False, direct: bool = True) -> CheckpointStore:
         """Open every shard of the checkpoint at ``root``, validate the headers (and index), pair FP8
-        tensors with their scales. CheckpointError names the file and the problem."""
+        tensors with their scales. CheckpointError names the file and the problem. ``direct`` False:
+        random reads stay buffered even where ``O_DIRECT`` works (the read-path benchmark's baseline)."""
         root = Path(root)
         block = _config_block_size(root)
         index = root / INDEX_NAME
@@ -544,7 +547,7 @@ class CheckpointStore:
         opened: dict[Path, _OpenFile] = {}
         try:
             headers = {
-                file: cls._open_file(file, opened, page_cache, index if weight_map else None)
+                file: cls._open_file(file, opened, page_cache, index if weight_map else None, direct)
                 for file in files
             }
             raw: dict[str, TensorLocation] = {}
@@ -585,7 +588,7 @@ class CheckpointStore:
 
     @staticmethod
     def _open_file(
-        file: Path, opened: dict[Path, _OpenFile], page_cache: bool, index: Path | None
+        file: Path, opened: dict[Path, _OpenFile], page_cache: bool, index: Path | None, direct: bool = True
     ) -> dict[str, _Entry]:
         listed = f" listed in {index.name}" if index is not None else ""
         try:
@@ -608,22 +611,30 @@ class CheckpointStore:
             opened[file] = dataclasses.replace(opened[file], seq_fd=seq)
             if _identity(os.fstat(seq)) != opened[file].identity:
                 raise CheckpointError(f"checkpoint shard {file}{listed} changed while it was being opened; try again")
-            direct = _open_direct(file)
-            if direct is not None:
-                opened[file] = dataclasses.replace(opened[file], direct_fd=direct)
-                if _identity(os.fstat(direct)) != opened[file].identity:
+            dfd = _open_direct(file) if direct else None
+            if dfd is not None:
+                opened[file] = dataclasses.replace(opened[file], direct_fd=dfd)
+                if _identity(os.fstat(dfd)) != opened[file].identity:
                     raise CheckpointError(
                         f"checkpoint shard {file}{listed} changed while it was being opened; try again"
                     )
         return _read_header(fd, file, st.st_size)
 
     # ------------------------------------------------------------------ guarding reads
+    @contextmanager
+    def _guarded(self) -> Iterator[None]:
+        """``self._lock`` with Ctrl-C held back: an interrupt landing between a ``with`` block's last line
+        and its lock's release (Python 3.11 reports a line event there) would leave the lock held and
+        every later read of the main thread waiting for it forever."""
+        with deferred_interrupts(), self._lock:
+            yield
+
     def _changed_error(self) -> CheckpointChangedError:
         return CheckpointChangedError(self._changed or "the checkpoint changed")
 
     def _begin(self) -> bool:
         """Register a read (its descriptors stay open until ``_end``); True once registered."""
-        with self._lock:
+        with self._guarded():
             if self._closed:
                 raise RuntimeError(
                     f"the checkpoint store of {self.root} is closed; reload the model (moe_engine.from_pretrained)"
@@ -634,7 +645,7 @@ class CheckpointStore:
             return True
 
     def _end(self) -> None:
-        with self._lock:
+        with self._guarded():
             self._active -= 1
             if self._closed and self._active == 0:
                 self._close_fds()
@@ -655,7 +666,7 @@ class CheckpointStore:
             elif _identity(os.fstat(f.fd)) != f.identity:
                 what = "was modified"
             if what is not None:
-                with self._lock:
+                with self._guarded():
                     if self._changed is None:
                         self._changed = (
                             f"checkpoint file {file} {what} after the model was loaded: the checkpoint changed "
@@ -696,17 +707,17 @@ class CheckpointStore:
         fd, skipped = f.fd, None
         if self.sequential and f.seq_fd is not None:
             fd = f.seq_fd
-            with self._lock:  # bytes a stream skipped (experts already resident) may hold readahead pages
+            with self._guarded():  # bytes a stream skipped (experts already resident) may hold readahead pages
                 last = self._stream_end.get(file)
                 self._stream_end[file] = max(last or 0, start + total)
             if last is not None and start > last:
                 skipped = (last, start - last)
         elif f.direct_fd is not None and file not in self._no_direct:
             if self._pread_direct(f.direct_fd, file, views, offset, total):
-                with self._lock:
+                with self._guarded():
                     self.bytes_read += total
                 return
-            with self._lock:
+            with self._guarded():
                 self._no_direct.add(file)  # the filesystem refuses these reads: buffered from now on
         while views:
             n = os.preadv(fd, views, offset)
@@ -722,7 +733,7 @@ class CheckpointStore:
             os.posix_fadvise(fd, start, total, os.POSIX_FADV_DONTNEED)
             if skipped is not None:
                 os.posix_fadvise(fd, skipped[0], skipped[1], os.POSIX_FADV_DONTNEED)
-        with self._lock:
+        with self._guarded():
             self.bytes_read += total
 
     @staticmethod
@@ -858,7 +869,7 @@ class CheckpointStore:
         """Ask the OS to drop every checkpoint file's cached pages (a cold start; the end of a sequential
         stream, whose readahead went past its last read)."""
         with self._reading(set()):
-            with self._lock:
+            with self._guarded():
                 self._stream_end.clear()
             for f in self._files.values():
                 os.posix_fadvise(f.fd, 0, 0, os.POSIX_FADV_DONTNEED)
@@ -878,7 +889,7 @@ class CheckpointStore:
 
     def close(self) -> None:
         """Close every file. Idempotent; reads afterwards raise RuntimeError (reads still running finish)."""
-        with self._lock:
+        with self._guarded():
             if self._closed:
                 return
             self._closed = True
