@@ -172,3 +172,17 @@ def test_direct_reads_equal_buffered_reads_and_fall_back(tiny_checkpoint, monkey
     finally:
         buffered.close()
         direct.close()
+
+
+def test_read_path_benchmark_reads_the_same_bytes_both_ways(tmp_path):
+    """The read-path benchmark runs (both modes, same experts) and reports per-expert figures."""
+    import json
+
+    from moe_engine.benchmarks.read_path import main
+
+    out = tmp_path / "read_path.json"
+    assert main(["--reads", "12", "--rounds", "1", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    direct, buffered = result["rounds"]["direct"][0], result["rounds"]["buffered"][0]
+    assert direct["bytes_per_read"] == buffered["bytes_per_read"] > 0
+    assert direct["wall_ms"] > 0 and buffered["wall_ms"] > 0
