@@ -38,9 +38,9 @@ def interference(rounds: int) -> dict:
     import threading
 
     import torch
+    from moe_engine.benchmarks.serve_eval import prompts
     from transformers import AutoTokenizer
 
-    from moe_engine.benchmarks.serve_eval import prompts
     from moe_engine.default_model import default_model_path
     from moe_engine.runtime.loader import from_pretrained
     from moe_engine.runtime.store import CheckpointStore

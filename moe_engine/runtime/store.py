@@ -462,7 +462,7 @@ def _conversions(
     spans: list[list[int]] = []  # [start, end, slot start or -1]
     dests: list[torch.Tensor] = []
     at = 0
-    for p, d in run:
+    for _p, d in run:
         n = d.numel()
         dst = (d.data_ptr() - base) // size if merge else -1
         last = spans[-1] if spans else None
