@@ -202,6 +202,19 @@ def test_int4_linear_when_this_build_packs_another_layout(monkeypatch):
     assert torch.equal(get_format("int4-g64").linear(x, q), expected)
 
 
+def test_repack_by_row_chunks_equals_one_whole_repack(monkeypatch):
+    """The per-call repack converts 64-row chunks (bounded int32 scratch); the bytes equal this build's
+    packer run on the whole matrix, including a 32-row tail."""
+    if not kernels.has_int4_cpu_kernel():
+        pytest.skip("no CPU int4 kernel in this torch")
+    gen = torch.Generator().manual_seed(3)
+    for n, k in [(64 * 5 + 32, 128), (256, 64)]:
+        codes = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
+        whole = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 2)
+        monkeypatch.setattr(kernels, "REPACK_CHUNK", 64 * k * 4)  # one 64-row block per chunk
+        assert torch.equal(kernels.repack_for_cpu(kernels.codes_to_nib(codes)).reshape(-1), whole.reshape(-1))
+
+
 def test_linear_of_no_tokens_and_bad_input():
     fmt = get_format("int4-g64")
     q = _quantized("int4-g64", (256, 192))
