@@ -714,11 +714,11 @@ class CheckpointStore:
                 skipped = (last, start - last)
         elif f.direct_fd is not None and file not in self._no_direct:
             if self._pread_direct(f.direct_fd, file, views, offset, total):
+                views = []  # read: nothing left for the buffered path, no pages to drop
+            else:
                 with self._guarded():
-                    self.bytes_read += total
-                return
-            with self._guarded():
-                self._no_direct.add(file)  # the filesystem refuses these reads: buffered from now on
+                    self._no_direct.add(file)  # the filesystem refuses these reads: buffered from now on
+        buffered = bool(views)
         while views:
             n = os.preadv(fd, views, offset)
             if n <= 0:
@@ -729,7 +729,7 @@ class CheckpointStore:
                 views = views[1:]
             if views and n:
                 views[0] = views[0][n:]
-        if not self.page_cache and hasattr(os, "posix_fadvise"):
+        if buffered and not self.page_cache and hasattr(os, "posix_fadvise"):
             os.posix_fadvise(fd, start, total, os.POSIX_FADV_DONTNEED)
             if skipped is not None:
                 os.posix_fadvise(fd, skipped[0], skipped[1], os.POSIX_FADV_DONTNEED)
@@ -741,8 +741,8 @@ class CheckpointStore:
         """Fill ``views`` from ``offset`` through the ``O_DIRECT`` descriptor ``fd``: page-aligned reads of
         the aligned span around the bytes, at most ``_DIRECT_CHUNK`` at a time, into this thread's bounce
         buffer, copied out. No page cache is touched, so nothing needs dropping, and the kernel copies
-        straight from the device (measured on this project's VMs, a 147 KB expert: 0.36-0.42 ms wall and
-        0.15-0.21 ms CPU, against 0.62-0.80 ms and 0.42-0.50 ms buffered with ``DONTNEED``).
+        straight from the device (``python -m moe_engine.benchmarks.read_path`` compares it with buffered
+        reads).
 
         Returns False, having filled nothing for sure, when the filesystem refuses the alignment
         (``EINVAL``); the caller then reads buffered. Views filled partly before that are rewritten.
