@@ -421,13 +421,15 @@ def _open_direct(file: Path) -> int | None:
         return None
 
 
-def _bounce_buffer(nbytes: int) -> mmap.mmap:
-    """This thread's page-aligned scratch buffer of at least ``nbytes`` (anonymous mmaps are page-aligned)."""
-    buf = getattr(_bounce, "buf", None)
-    if buf is None or len(buf) < nbytes:
+def _bounce_buffer(nbytes: int) -> tuple[memoryview, torch.Tensor]:
+    """This thread's page-aligned scratch buffer of at least ``nbytes`` (anonymous mmaps are page-aligned),
+    as a memoryview (what ``preadv`` fills) and a uint8 tensor over the same bytes (what copies read)."""
+    held = getattr(_bounce, "held", None)
+    if held is None or held[0].nbytes < nbytes:
         buf = mmap.mmap(-1, nbytes)
-        _bounce.buf = buf
-    return buf
+        held = (memoryview(buf), torch.frombuffer(buf, dtype=torch.uint8))
+        _bounce.held = held
+    return held
 
 
 def _runs(
@@ -450,30 +452,36 @@ def _runs(
     return runs
 
 
-def _conversions(
-    run: list[tuple[TensorLocation, torch.Tensor]], slot: torch.Tensor
-) -> list[tuple[tuple[int, int], torch.Tensor]]:
-    """A run's parts (one dtype, byte-adjacent in file order) as ``((start, end) in the run's elements,
-    destination)`` copies; parts next to each other both in the file and in a contiguous ``slot`` merge
-    into one copy (an expert's ``gate, up`` usually are: one conversion instead of two). Every copy
-    releases and retakes the GIL, which the compute thread then waits for: fewer copies, fewer waits."""
-    merge = slot.is_contiguous()
-    base, size = slot.data_ptr(), slot.element_size()
-    spans: list[list[int]] = []  # [start, end, slot start or -1]
-    dests: list[torch.Tensor] = []
+#: One copy out of a run of file bytes: ``(start, end)`` bytes from the run's first byte, the stored dtype
+#: of those bytes, and the destination (1-D, contiguous, ``(end - start) / itemsize`` elements).
+_Copy = tuple[int, int, torch.dtype, torch.Tensor]
+
+
+def _copies(
+    run: list[tuple[TensorLocation, torch.Tensor]], slot: torch.Tensor | None = None, raw: bool = False
+) -> list[_Copy]:
+    """A run's parts (byte-adjacent in file order) as copies, converting to each destination's dtype
+    (``raw``: bytes as they are into uint8 destinations); parts of one stored dtype next to each other
+    both in the file and in a contiguous ``slot`` merge into one copy (an expert's ``gate, up`` usually
+    are). Every copy releases and retakes the GIL, which the compute thread then waits for: fewer
+    copies, fewer waits."""
+    merge = slot is not None and slot.is_contiguous()
+    base = slot.data_ptr() if merge else 0
+    out: list[_Copy] = []
     at = 0
-    for _p, d in run:
-        n = d.numel()
-        dst = (d.data_ptr() - base) // size if merge else -1
-        last = spans[-1] if spans else None
-        if merge and last is not None and last[1] == at and last[2] + (last[1] - last[0]) == dst:
-            last[1] = at + n
-            dests[-1] = slot[last[2] : last[2] + last[1] - last[0]]
-        else:
-            spans.append([at, at + n, dst])
-            dests.append(d)
+    for p, d in run:
+        n, stored = p.nbytes, torch.uint8 if raw else p.dtype
+        if merge and out and out[-1][1] == at and out[-1][2] == stored:
+            a, b, dtype, last = out[-1]
+            size = last.element_size()
+            if last.data_ptr() + last.numel() * size == d.data_ptr():
+                start = (last.data_ptr() - base) // size
+                out[-1] = (a, at + n, dtype, slot[start : start + last.numel() + d.numel()])
+                at += n
+                continue
+        out.append((at, at + n, stored, d))
         at += n
-    return [((a, b), d) for (a, b, _), d in zip(spans, dests, strict=True)]
+    return out
 
 
 def _identity(st: os.stat_result) -> _Identity:
@@ -700,11 +708,24 @@ class CheckpointStore:
             self._verify(self._files)
 
     # ------------------------------------------------------------------ reading
+    def _direct_fd(self, file: Path) -> int | None:
+        """The ``O_DIRECT`` descriptor random reads of ``file`` go through, or None (buffered reads: page
+        cache on, a sequential stream, no O_DIRECT here, or the filesystem refused it)."""
+        f = self._files[file]
+        if self.sequential or f.direct_fd is None or file in self._no_direct:
+            return None
+        return f.direct_fd
+
+    def _refused_direct(self, file: Path) -> None:
+        with self._guarded():
+            self._no_direct.add(file)  # the filesystem refuses these reads: buffered from now on
+
     def _pread_full(self, file: Path, views: list[memoryview], offset: int) -> None:
         """Fill ``views`` (in order) from ``offset`` with as few ``preadv`` calls as the OS allows."""
         f = self._files[file]
         start, total = offset, sum(v.nbytes for v in views)
         fd, skipped = f.fd, None
+        dfd = self._direct_fd(file)
         if self.sequential and f.seq_fd is not None:
             fd = f.seq_fd
             with self._guarded():  # bytes a stream skipped (experts already resident) may hold readahead pages
@@ -712,12 +733,16 @@ class CheckpointStore:
                 self._stream_end[file] = max(last or 0, start + total)
             if last is not None and start > last:
                 skipped = (last, start - last)
-        elif f.direct_fd is not None and file not in self._no_direct:
-            if self._pread_direct(f.direct_fd, file, views, offset, total):
-                views = []  # read: nothing left for the buffered path, no pages to drop
-            else:
-                with self._guarded():
-                    self._no_direct.add(file)  # the filesystem refuses these reads: buffered from now on
+        elif dfd is not None:
+            copies: list[_Copy] = []
+            at = 0
+            for v in views:
+                if v.nbytes:
+                    copies.append((at, at + v.nbytes, torch.uint8, torch.frombuffer(v, dtype=torch.uint8)))
+                at += v.nbytes
+            if self._pread_direct(dfd, file, offset, total, copies):
+                return
+            self._refused_direct(file)
         buffered = bool(views)
         while views:
             n = os.preadv(fd, views, offset)
@@ -733,28 +758,31 @@ class CheckpointStore:
             os.posix_fadvise(fd, start, total, os.POSIX_FADV_DONTNEED)
             if skipped is not None:
                 os.posix_fadvise(fd, skipped[0], skipped[1], os.POSIX_FADV_DONTNEED)
+        self._count(total)
+
+    def _count(self, nbytes: int) -> None:
         with self._guarded():
-            self.bytes_read += total
+            self.bytes_read += nbytes
 
-    @staticmethod
-    def _pread_direct(fd: int, file: Path, views: list[memoryview], offset: int, total: int) -> bool:
-        """Fill ``views`` from ``offset`` through the ``O_DIRECT`` descriptor ``fd``: page-aligned reads of
-        the aligned span around the bytes, at most ``_DIRECT_CHUNK`` at a time, into this thread's bounce
-        buffer, copied out. No page cache is touched, so nothing needs dropping, and the kernel copies
-        straight from the device (``python -m moe_engine.benchmarks.read_path`` compares it with buffered
-        reads).
+    def _pread_direct(self, fd: int, file: Path, offset: int, total: int, copies: list[_Copy]) -> bool:
+        """Read the ``total`` bytes at ``offset`` through the ``O_DIRECT`` descriptor ``fd`` and hand them
+        out by ``copies``: page-aligned reads of the aligned span around the bytes, at most
+        ``_DIRECT_CHUNK`` at a time, into this thread's bounce buffer, then one torch copy per copy and
+        chunk, converting the dtype on the way. No page cache is touched, so nothing needs dropping; the
+        copies run without the GIL, so a compute thread is not held up by them (``python -m
+        moe_engine.benchmarks.read_path`` compares this with buffered reads).
 
-        Returns False, having filled nothing for sure, when the filesystem refuses the alignment
-        (``EINVAL``); the caller then reads buffered. Views filled partly before that are rewritten.
+        A copy's bytes must start at a multiple of its dtype's size in the file (chunks then split between
+        elements). Returns False, having filled nothing for sure, when the filesystem refuses the alignment
+        (``EINVAL``); the caller then reads buffered. Destinations filled partly before that are rewritten.
         """
         pos, end = offset, offset + total
-        views = list(views)
         while pos < end:
             base = pos - pos % _DIRECT_ALIGN
             span = -(-min(end - base, _DIRECT_CHUNK) // _DIRECT_ALIGN) * _DIRECT_ALIGN
-            window = memoryview(_bounce_buffer(span))[:span]
+            window, data = _bounce_buffer(span)
             try:
-                n = os.preadv(fd, [window], base)
+                n = os.preadv(fd, [window[:span]], base)
             except OSError as exc:
                 if exc.errno == errno.EINVAL:
                     return False
@@ -762,13 +790,16 @@ class CheckpointStore:
             got = min(n - (pos - base), end - pos)
             if got <= 0:
                 raise CheckpointError(f"unexpected end of file while reading {file}; the file is truncated")
-            src = window[pos - base : pos - base + got]
-            while src.nbytes:
-                k = min(src.nbytes, views[0].nbytes)
-                views[0][:k] = src[:k]
-                src = src[k:]
-                views = views[1:] if k == views[0].nbytes else [views[0][k:], *views[1:]]
+            lo, hi = pos - offset, pos - offset + got  # this chunk's bytes, from the run's first byte
+            for a, b, dtype, dest in copies:
+                s0, s1 = max(a, lo), min(b, hi)
+                if s0 >= s1:
+                    continue
+                size = dtype.itemsize
+                src = data[pos - base + s0 - lo : pos - base + s1 - lo].view(dtype)
+                dest[(s0 - a) // size : (s1 - a) // size].copy_(src)
             pos += got
+        self._count(total)
         return True
 
     def _read_raw(self, loc: TensorLocation) -> torch.Tensor:
@@ -831,16 +862,17 @@ class CheckpointStore:
             dests.append((part, slot[offset : offset + numel]))
             offset += numel
         assert offset == slot.numel(), (offset, slot.numel())
-        direct = [(p, d) for p, d in dests if p.scale is None and p.dtype == slot.dtype and d.is_contiguous()]
-        converted = [(p, d) for p, d in dests if p.scale is None and (p.dtype != slot.dtype or not d.is_contiguous())]
+        plain = [(p, d) for p, d in dests if p.scale is None]
         with self._reading(self._files_of(list(loc.parts))):
-            self._read_runs(direct)
-            for run in _runs(converted, same_dtype=True):  # one read per run, then as few conversions as can be
-                staging = torch.empty(sum(p.nbytes for p, _ in run), dtype=torch.uint8)
-                self._pread_full(run[0][0].file, [memoryview(staging.numpy())], run[0][0].offset)  # type: ignore[arg-type]
-                values = staging.view(run[0][0].dtype)
-                for (a, b), d in _conversions(run, slot):
-                    d.copy_(values[a:b])
+            if not self._read_direct(plain, slot):
+                direct = [(p, d) for p, d in plain if p.dtype == slot.dtype and d.is_contiguous()]
+                converted = [(p, d) for p, d in plain if p.dtype != slot.dtype or not d.is_contiguous()]
+                self._read_runs(direct)
+                for run in _runs(converted, same_dtype=True):  # one read per run, then as few conversions as can be
+                    staging = torch.empty(sum(p.nbytes for p, _ in run), dtype=torch.uint8)
+                    self._pread_full(run[0][0].file, [memoryview(staging.numpy())], run[0][0].offset)  # type: ignore[arg-type]
+                    for a, b, dtype, d in _copies(run, slot):
+                        d.copy_(staging[a:b].view(dtype))
             for p, d in dests:
                 if p.scale is not None:
                     d.copy_(self._read_value(p, slot.dtype).reshape(-1))
@@ -858,9 +890,32 @@ class CheckpointStore:
         with self._reading(self._files_of(list(loc.parts))):
             self._read_runs(dests)
 
+    def _read_direct(
+        self, dests: list[tuple[TensorLocation, torch.Tensor]], slot: torch.Tensor | None = None, raw: bool = False
+    ) -> bool:
+        """Read ``dests`` (unscaled parts, each into its contiguous destination, converting the dtype;
+        ``raw``: stored bytes into uint8 destinations) through the ``O_DIRECT`` descriptors: one read per
+        run of byte-adjacent parts, copied out of the bounce buffer. False (nothing to rely on written)
+        where a file has no such descriptor, a converted part sits at an offset that is not a multiple of
+        its dtype's size, or the filesystem refuses."""
+        if not dests or any((not raw and p.offset % p.dtype.itemsize) or not d.is_contiguous() for p, d in dests):
+            return False
+        runs = _runs(dests)
+        fds = [self._direct_fd(run[0][0].file) for run in runs]
+        if any(fd is None for fd in fds):
+            return False
+        for run, fd in zip(runs, fds, strict=True):
+            first = run[0][0]
+            if not self._pread_direct(fd, first.file, first.offset, sum(p.nbytes for p, _ in run), _copies(run, slot, raw)):
+                self._refused_direct(first.file)
+                return False
+        return True
+
     def _read_runs(self, dests: list[tuple[TensorLocation, torch.Tensor]]) -> None:
         """Read each part's stored bytes into its destination view; parts byte-adjacent in one file are
-        read with one scatter ``preadv`` (the caller holds ``_reading``)."""
+        read with one read (the caller holds ``_reading``)."""
+        if self._read_direct([(p, d.view(torch.uint8)) for p, d in dests], raw=True):
+            return
         for run in _runs(dests):
             views = [memoryview(d.view(torch.uint8).numpy()) for _, d in run]  # type: ignore[arg-type]
             self._pread_full(run[0][0].file, views, run[0][0].offset)
