@@ -383,6 +383,57 @@ def test_batcher_records_each_real_tokens_route(model_and_tok):
             assert len(alone[t]) == 8 * 2 and {layer for layer, _ in alone[t]} == set(range(8))
 
 
+def test_held_batch_joins_and_leaves_equal_generate_alone(model_and_tok, stock_model):
+    """Decode forwards of an unchanged batch go on with the held cache; sequences that finish early,
+    join late (while others decode) or have prompts of other lengths change the rows, and the held
+    columns go back into the sequences' own caches. Every greedy answer equals stock ``generate()``
+    for its prompt alone, and both paths ran (held forwards and rebuilds)."""
+    from moe_engine.serve.batcher import Batcher, BatcherConfig, SamplingParams
+
+    model, tok = model_and_tok
+    texts = ["And the king said unto", "Thus saith the Lord", "O Romeo", "Then came David into the city, and"]
+    prompts = [tok(t)["input_ids"] for t in texts]
+    budgets = [12, 5, 9, 7]  # the second leaves first; the last two join while the first two decode
+    batcher = Batcher(model, BatcherConfig(max_seqs=8, prefill_chunk=128), pad_token_id=EOS)
+    penalty = stock_model.generation_config.repetition_penalty  # generate() applies it: so does the server
+    assert penalty != 1.0  # the default model sets one (1.3): the test covers it
+
+    def params(i):
+        return SamplingParams(max_new_tokens=budgets[i], repetition_penalty=penalty, stop_token_ids=frozenset({EOS}))
+
+    out: dict[int, list[int]] = {i: [] for i in range(len(prompts))}
+    finished = concurrent.futures.Future()
+
+    def sink(i):
+        def on(ev):
+            if ev.token is not None:
+                out[i].append(ev.token)
+            if ev.finish_reason:
+                assert ev.finish_reason in ("length", "stop"), ev.error
+                if all(len(out[j]) for j in out) and i == 0:
+                    finished.set_result(True)
+            if i == 0 and len(out[0]) == 3:  # late joiners: the first two are mid-decode now
+                for j in (2, 3):
+                    batcher.submit(prompts[j], params(j), sink(j))
+        return on
+
+    for i in (0, 1):
+        batcher.submit(prompts[i], params(i), sink(i))
+    batcher.start()
+    try:
+        finished.result(timeout=120)
+    finally:
+        batcher.stop(drain=True, timeout=120)
+    assert batcher.metrics.held_forwards > 0 and batcher.metrics.decode_steps > batcher.metrics.held_forwards
+    for i, ids in enumerate(prompts):
+        with torch.inference_mode():
+            ref = stock_model.generate(torch.tensor([ids]), max_new_tokens=budgets[i], do_sample=False,
+                                       pad_token_id=EOS)[0, len(ids) :].tolist()  # fmt: skip
+        if EOS in ref:
+            ref = ref[: ref.index(EOS) + 1]
+        assert out[i] == ref[: len(out[i])] and len(out[i]) == len(ref), (i, out[i], ref)
+
+
 def test_simple_chat_template_documented():
     assert "Assistant:" in SIMPLE_CHAT_TEMPLATE
 

@@ -205,15 +205,21 @@ class Service:
         """Yield ``(text_delta, None)`` as tokens arrive, then ``("", finish_reason)``. The sequence is
         cancelled in the engine whenever this generator stops early (client gone, stop string).
 
-        ``incremental`` False (a non-streaming request): without stop strings the text is decoded once at
-        the end instead of at every token (this loop shares the GIL with the engine thread: at 16
-        requests a step, per-token decoding is work taken from the step)."""
+        ``incremental`` False (a non-streaming request): without stop strings the engine thread keeps the
+        tokens and wakes this loop only when the sequence ends, and the text is decoded once (this loop
+        shares the GIL with the engine thread: at 16 requests a step, a wake-up and a decode per token
+        are work taken from the step)."""
         if self.draining:
             raise APIError(503, "the server is shutting down", type_="server_error", code="shutting_down")
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Event] = asyncio.Queue()
+        tokens: list[int] = []
+        quiet = not incremental and not stops  # nothing to do per token: the loop is woken at the end only
 
         def sink(ev: Event) -> None:
+            if quiet and ev.token is not None and ev.finish_reason is None:
+                tokens.append(ev.token)  # the engine thread; read after the finish event, queued after it
+                return
             loop.call_soon_threadsafe(queue.put_nowait, ev)
 
         try:
@@ -223,7 +229,6 @@ class Service:
         except ShuttingDownError as exc:
             raise APIError(503, str(exc), type_="server_error", code="shutting_down") from None
         finished = False
-        tokens: list[int] = []
         sent = ""
         hold = max((len(s) for s in stops), default=1) - 1
         checked = time.monotonic()

@@ -22,6 +22,12 @@ Glossary:
         ever fully masked, and no logits are computed for pads). The forward is the model's own
         (``model.get_decoder()`` + ``get_output_embeddings()``) with a ``DynamicCache`` built from the
         rows; each row's new K/V columns are copied back into its own cache.
+    held batch: after a decode forward, its ``DynamicCache`` (already holding every row's new column)
+        is kept; the next decode forward of the same sequences in the same order goes on with it
+        instead of rebuilding it from the per-sequence caches and copying the new columns back (two
+        copies of every row's whole cache per step, the batch's largest cost outside the model). The
+        rows' layout is the same as a rebuild's (left pads grow with ``P``), so the outputs are too. A
+        forward of other rows first copies the held columns back into their sequences' caches.
     events: the engine thread reports each sequence's tokens through ``sink(Event)`` (called on the
         engine thread: the server forwards it to its event loop).
 
@@ -53,6 +59,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -126,7 +133,8 @@ class _Seq:
     generator: torch.Generator | None = None
     tokens: list[int] = field(default_factory=list)
     prefilled: int = 0  # prompt tokens in the KV cache
-    length: int = 0  # tokens in the KV cache
+    length: int = 0  # tokens in the KV cache (its own buffers and, while held, the held batch's)
+    stored: int = 0  # of those, tokens in its own buffers (``keys``/``values``)
     keys: list[torch.Tensor] = field(default_factory=list)  # per decoder layer [heads, capacity, head_dim]
     values: list[torch.Tensor] = field(default_factory=list)
     waited: int = 0  # decode steps left out in a row
@@ -137,24 +145,24 @@ class _Seq:
     first_token_at: float | None = None
 
     def append_kv(self, layer_keys: list[torch.Tensor], layer_values: list[torch.Tensor]) -> None:
-        """Append ``[heads, t, head_dim]`` per layer, growing the buffers by doubling."""
-        t = layer_keys[0].shape[1]
+        """Append ``[heads, t, head_dim]`` per layer to its own buffers (growing them by doubling)."""
+        t, at = layer_keys[0].shape[1], self.stored
         if not self.keys:
             cap = max(16, t)
             self.keys = [k.new_empty(k.shape[0], cap, k.shape[2]) for k in layer_keys]
             self.values = [v.new_empty(v.shape[0], cap, v.shape[2]) for v in layer_values]
-        if self.length + t > self.keys[0].shape[1]:
-            cap = max(2 * self.keys[0].shape[1], self.length + t)
+        if at + t > self.keys[0].shape[1]:
+            cap = max(2 * self.keys[0].shape[1], at + t)
             for buffers in (self.keys, self.values):
                 for i, old in enumerate(buffers):
                     new = old.new_empty(old.shape[0], cap, old.shape[2])
-                    new[:, : self.length] = old[:, : self.length]
+                    new[:, :at] = old[:, :at]
                     buffers[i] = new
         for buf, new in zip(self.keys, layer_keys, strict=True):
-            buf[:, self.length : self.length + t] = new
+            buf[:, at : at + t] = new
         for buf, new in zip(self.values, layer_values, strict=True):
-            buf[:, self.length : self.length + t] = new
-        self.length += t
+            buf[:, at : at + t] = new
+        self.stored += t
 
 
 @dataclass
@@ -166,6 +174,7 @@ class BatcherMetrics:
     output_tokens: int = 0
     decode_steps: int = 0
     prefill_forwards: int = 0
+    held_forwards: int = 0  # decode forwards that went on with the held batch's cache (no rebuild)
     step_seqs_total: int = 0
     step_distinct_experts_total: int = 0
     forward_seconds: float = 0.0
@@ -203,6 +212,7 @@ class Batcher:
         self._drain = True
         self._thread: threading.Thread | None = None
         self._routes: dict[int, torch.Tensor] = {}
+        self._held: tuple[list[_Seq], Any, int] | None = None  # (rows' sequences, DynamicCache, padded length)
         self._token_routes = TokenRoutes()
         self._hooks = []
         self.error: BaseException | None = None
@@ -394,42 +404,69 @@ class Batcher:
                 self._ready[s.seq_id] = s
                 self._emit(s, logits[b])
 
+    def _release_held(self) -> None:
+        """Copy the held batch's columns back into its live sequences' own caches and drop it."""
+        held, self._held = self._held, None
+        if held is None:
+            return
+        seqs, cache, P = held
+        with torch.inference_mode():  # the caches are inference tensors
+            for b, s in enumerate(seqs):
+                n = s.length - s.stored
+                if s.keys and n > 0:  # finished sequences have freed their caches: nothing to keep
+                    s.append_kv([layer.keys[b, :, P - n : P] for layer in cache.layers],
+                                [layer.values[b, :, P - n : P] for layer in cache.layers])  # fmt: skip
+
     def _forward(self, rows: list[tuple[_Seq, list[int]]]) -> torch.Tensor | None:
         """One forward of the model for ``rows``; returns the logits of each row's last token ``[B, V]``
-        (fp32), or None when the forward failed (its sequences end with an error event)."""
+        (fp32), or None when the forward failed (its sequences end with an error event). A decode
+        forward (one token per row) keeps its cache as the held batch; the next one of the same rows
+        continues it (module docstring)."""
         device = self.model.device
+        seqs = [s for s, _ in rows]
         B = len(rows)
         T = max(len(new) for _, new in rows)
-        P = max(s.length for s, _ in rows)
+        decode = T == 1
+        held = self._held
+        reuse = (
+            decode and held is not None and len(held[0]) == B and all(a is b for a, b in zip(held[0], seqs))
+        )
+        if not reuse and held is not None and (decode or any(s in held[0] for s in seqs)):
+            self._release_held()
+        lengths = torch.tensor([s.length for s in seqs])
+        P = held[2] if reuse and held is not None else int(lengths.max())
+        news = torch.tensor([len(new) for _, new in rows])
         input_ids = torch.full((B, T), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros(B, P + T, dtype=torch.long)
-        positions = torch.zeros(B, T, dtype=torch.long)
-        last = torch.zeros(B, dtype=torch.long)
-        for b, (s, new) in enumerate(rows):
-            t = len(new)
-            input_ids[b, :t] = torch.tensor(new)
-            mask[b, P - s.length : P + t] = 1
-            positions[b] = torch.arange(s.length, s.length + T)  # pads continue the count (masked anyway)
-            last[b] = t - 1
+        for b, (_, new) in enumerate(rows):
+            input_ids[b, : len(new)] = torch.tensor(new)
+        cols = torch.arange(P + T)
+        mask = ((cols >= P - lengths[:, None]) & (cols < P + news[:, None])).long()
+        positions = lengths[:, None] + torch.arange(T)  # pads continue the count (masked anyway)
+        last = news - 1
         t0 = time.perf_counter()
         try:
             from transformers import DynamicCache
 
             with torch.inference_mode():
-                cache = DynamicCache()
-                if P > 0:
-                    layers = []
-                    ref = rows[0][0] if rows[0][0].keys else next(s for s, _ in rows if s.keys)
-                    for i in range(len(ref.keys)):
-                        h, _, d = ref.keys[i].shape
-                        k = ref.keys[i].new_zeros(B, h, P, d)
-                        v = ref.values[i].new_zeros(B, h, P, d)
-                        for b, (s, _) in enumerate(rows):
-                            if s.length:
-                                k[b, :, P - s.length :] = s.keys[i][:, : s.length]
-                                v[b, :, P - s.length :] = s.values[i][:, : s.length]
-                        layers.append((k, v))
-                    cache = DynamicCache(ddp_cache_data=layers)
+                if reuse and held is not None:
+                    cache = held[1]
+                    self.metrics.held_forwards += 1
+                    self._held = None  # updated in place below: not a held batch again until it succeeds
+                else:
+                    cache = DynamicCache()
+                    if P > 0:
+                        layers = []
+                        ref = next(s for s in seqs if s.keys)
+                        for i in range(len(ref.keys)):
+                            h, _, d = ref.keys[i].shape
+                            k = ref.keys[i].new_zeros(B, h, P, d)
+                            v = ref.values[i].new_zeros(B, h, P, d)
+                            for b, s in enumerate(seqs):
+                                if s.length:
+                                    k[b, :, P - s.length :] = s.keys[i][:, : s.length]
+                                    v[b, :, P - s.length :] = s.values[i][:, : s.length]
+                            layers.append((k, v))
+                        cache = DynamicCache(ddp_cache_data=layers)
                 self._routes.clear()
                 out = self._decoder(
                     input_ids=input_ids.to(device),
@@ -440,21 +477,24 @@ class Batcher:
                 )
                 hidden = out.last_hidden_state[torch.arange(B), last.to(device)]  # [B, H]
                 logits = self._head(hidden).float()  # [B, V]
-                kv = cache  # updated in place by the forward
                 moe_layers = sorted(self._routes)
                 routed = [self._routes[layer].reshape(B, T, -1).tolist() for layer in moe_layers]  # [L][B][T][k]
                 for b, (s, new) in enumerate(rows):
                     t = len(new)
-                    s.append_kv(
-                        [layer.keys[b, :, P : P + t] for layer in kv.layers],
-                        [layer.values[b, :, P : P + t] for layer in kv.layers],
-                    )
+                    if not decode:  # a prefill's right pads must not stay: its new columns go back now
+                        s.append_kv(
+                            [layer.keys[b, :, P : P + t] for layer in cache.layers],
+                            [layer.values[b, :, P : P + t] for layer in cache.layers],
+                        )
+                    s.length += t
                     for j, token in enumerate(new):  # real tokens only: the right pads' routes are not recorded
                         self._token_routes.record(token, tuple((m, tuple(r[b][j])) for m, r in zip(moe_layers, routed)))
                     if moe_layers:
                         s.last_route = frozenset(
                             (m, e) for m, r in zip(moe_layers, routed, strict=True) for e in r[b][t - 1]
                         )
+                if decode:
+                    self._held = (seqs, cache, P + 1)
         except Exception as exc:  # a failed read (ExpertReadError), a closed model...: those requests fail
             for s, _ in rows:
                 self._finish(s, "error", f"{type(exc).__name__}: {exc}")
