@@ -425,6 +425,7 @@ def test_held_batch_joins_and_leaves_equal_generate_alone(model_and_tok, stock_m
     finally:
         batcher.stop(drain=True, timeout=120)
     assert batcher.metrics.held_forwards > 0 and batcher.metrics.decode_steps > batcher.metrics.held_forwards
+    assert batcher._held is None  # nothing decoding: the held batch's cache is freed
     for i, ids in enumerate(prompts):
         with torch.inference_mode():
             ref = stock_model.generate(torch.tensor([ids]), max_new_tokens=budgets[i], do_sample=False,

@@ -317,6 +317,8 @@ class Batcher:
                     self._decode_step()
                 if self._prefilling:
                     self._prefill_step()
+                if self._held is not None and not self._ready:
+                    self._release_held()  # every held sequence has ended: free the batch's cache now
                 self.metrics.waiting = len(self._waiting)
                 self.metrics.running = self._active()
         except BaseException as exc:  # the thread must not die silently: fail every request, remember why
