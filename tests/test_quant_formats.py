@@ -202,17 +202,58 @@ def test_int4_linear_when_this_build_packs_another_layout(monkeypatch):
     assert torch.equal(get_format("int4-g64").linear(x, q), expected)
 
 
-def test_repack_by_row_chunks_equals_one_whole_repack(monkeypatch):
-    """The per-call repack converts 64-row chunks (bounded int32 scratch); the bytes equal this build's
-    packer run on the whole matrix, including a 32-row tail."""
+def test_repack_equals_this_builds_packer(monkeypatch):
+    """Both repack paths give this build's packer's bytes on the whole matrix (32-row tails included):
+    the packer by 64-row chunks (bounded int32 scratch) and, on builds that pack 64-row blocks, the
+    byte shuffle ``repack_for_cpu`` then uses."""
     if not kernels.has_int4_cpu_kernel():
         pytest.skip("no CPU int4 kernel in this torch")
     gen = torch.Generator().manual_seed(3)
-    for n, k in [(64 * 5 + 32, 128), (256, 64)]:
+    for n, k in [(64 * 5 + 32, 128), (256, 64), (32, 64), (96, 192)]:
         codes = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
         whole = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 2)
-        monkeypatch.setattr(kernels, "REPACK_CHUNK", 64 * k * 4)  # one 64-row block per chunk
-        assert torch.equal(kernels.repack_for_cpu(kernels.codes_to_nib(codes)).reshape(-1), whole.reshape(-1))
+        nib = kernels.codes_to_nib(codes)
+        with monkeypatch.context() as m:
+            m.setattr(kernels, "REPACK_CHUNK", 64 * k * 4)  # one 64-row block per chunk
+            assert torch.equal(kernels._repack_with_packer(nib).reshape(-1), whole.reshape(-1))
+        assert torch.equal(kernels.repack_for_cpu(nib).reshape(-1), whole.reshape(-1))
+        if kernels._packs_64_row_blocks():
+            assert torch.equal(kernels._to_64_row_blocks(nib).reshape(-1), whole.reshape(-1))
+
+
+def test_64_row_shuffle_round_trips():
+    """``unrepack_for_cpu`` inverts the 64-row shuffle (pure byte moves: checked on every build)."""
+    gen = torch.Generator().manual_seed(4)
+    for n, k in [(64 * 3 + 32, 128), (64, 64), (32, 192)]:
+        nib = kernels.codes_to_nib(torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8))
+        assert torch.equal(kernels.unrepack_for_cpu(kernels._to_64_row_blocks(nib)), nib)
+
+
+def test_int4_slot_view_is_repacked_once_in_place():
+    """A cache slot's int4 views (``in_slot``) are rewritten into this build's layout at the first kernel
+    call where it packs 64-row blocks: the same outputs, call after call; dequantize still reads the
+    codes right; packing such a view is refused. Plain QTensors are never changed."""
+    from moe_engine.quant.formats import pack, unpack
+
+    if not kernels.has_int4_cpu_kernel():
+        pytest.skip("no CPU int4 kernel in this torch")
+    fmt = get_format("int4-g64")
+    for shape in _default_shapes():
+        q = _quantized("int4-g64", shape)
+        before = q.parts["qweight"].clone()
+        x = torch.randn(3, shape[1]).to(torch.bfloat16)
+        expected, weight = fmt.linear(x, q), fmt.dequantize(q)
+        assert torch.equal(q.parts["qweight"], before) and not q.native  # not a slot view: left alone
+        view = unpack(pack(q).clone(), "int4-g64", shape)
+        view.in_slot = True
+        for _ in range(2):
+            assert torch.equal(fmt.linear(x, view), expected)
+        assert view.native == kernels.can_repack_in_place()
+        assert torch.equal(fmt.dequantize(view), weight)
+        if view.native:
+            assert not torch.equal(view.parts["qweight"], before)
+            with pytest.raises(ValueError, match="repacked in place"):
+                pack(view)
 
 
 def test_linear_of_no_tokens_and_bad_input():

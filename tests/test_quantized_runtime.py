@@ -105,6 +105,37 @@ def test_mixed_formats_entries_of_several_sizes_under_one_budget(tiny_checkpoint
         assert len(engine.core.entries) > engine.budget_bytes // engine.cache.expert_bytes
 
 
+def test_int4_slots_repacked_in_place_decode_the_same_tokens(tiny_checkpoint, tmp_path, monkeypatch):
+    """bf16 decode runs torch's int4 kernel on the slots; where this build packs 64-row blocks a slot's
+    weights are repacked in place once per copy into it. Under a small budget (slots reused by other
+    experts, views of reloaded experts repacked again) the logits equal those of the per-call repack."""
+    from moe_engine.quant import kernels
+
+    if not kernels.has_int4_cpu_kernel():
+        pytest.skip("no CPU int4 kernel in this torch")
+    src = tiny_checkpoint("qwen2_moe")
+    out = tmp_path / "q"
+    _quantize(src, out, lambda layer, e: "int4-g32")
+    ids = _ids()
+
+    def decode():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = moe_engine.from_pretrained(out, budget=0.2, device="cpu", dtype=torch.bfloat16, preload=False)
+        with model, torch.no_grad():
+            got = model.generate(ids, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
+            native = sum(q.native for _, views in model.engine.cache._views.values() for q in views)
+            return got.sequences, torch.stack(got.logits), native, model.engine.stats().evictions
+
+    seqs, logits, native, evictions = decode()
+    assert evictions > 0  # slots were reused by other experts
+    assert (native > 0) == kernels.can_repack_in_place()
+    monkeypatch.setattr(kernels, "can_repack_in_place", lambda: False)
+    seqs_per_call, logits_per_call, native_per_call, _ = decode()
+    assert native_per_call == 0
+    assert torch.equal(seqs, seqs_per_call) and torch.equal(logits, logits_per_call)
+
+
 def _with_copies(src, out, own="fp32", copy="int4-g32"):
     with open_source(src) as s:
         formats = [[own] * s.num_experts for _ in range(s.num_layers)]

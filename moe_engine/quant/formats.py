@@ -70,6 +70,11 @@ class QTensor:
     format: str
     shape: tuple[int, int]
     parts: dict[str, torch.Tensor]
+    # A cache slot's views (``PackedLayout.views``), read by nothing else until the next copy into the
+    # slot makes new views: the int4 kernel may then rewrite ``qweight`` in place, once, into this torch
+    # build's int4pack layout (``native``) instead of converting it at every call.
+    in_slot: bool = False
+    native: bool = False
 
     @property
     def device(self) -> torch.device:
@@ -327,6 +332,8 @@ class GroupFormat(ExpertFormat):
         np_, kp = self.padded(q.shape)
         p = q.parts
         if self.bits == 4:
+            if q.native:  # repacked in place for the kernel: the nibble layout back, in a new tensor
+                return kernels.unrepack_for_cpu(p["qweight"].view(np_, kp // 2))
             return p["qweight"].view(np_, kp // 2)
         nib = kernels.unpack_lo2(p["qweight"])
         if self.bits == 3:
@@ -401,7 +408,15 @@ class GroupFormat(ExpertFormat):
         x2 = x.reshape(-1, k)
         if kp > k:
             x2 = F.pad(x2, (0, kp - k))
-        y = kernels.int4_linear_cpu(x2.contiguous(), self.nib(q), self.group, q.parts["scale_zero"])
+        if self.bits == 4 and q.in_slot and not q.native and kernels.can_repack_in_place():
+            weight = q.parts["qweight"].view(np_, kp // 2)
+            weight.copy_(kernels.repack_for_cpu(weight))  # once per copy into the slot, not per call
+            q.native = True
+        if q.native:
+            y = kernels.int4_linear_cpu(x2.contiguous(), q.parts["qweight"].view(np_, kp // 2), self.group,
+                                        q.parts["scale_zero"], native=True)  # fmt: skip
+        else:
+            y = kernels.int4_linear_cpu(x2.contiguous(), self.nib(q), self.group, q.parts["scale_zero"])
         if np_ > n:
             y = y[:, :n]
         return y.reshape(*x.shape[:-1], n)
@@ -412,7 +427,10 @@ class GroupFormat(ExpertFormat):
             if self.bits < 4:
                 name = f"int{self.bits}->int4 nibble expand + " + name
             if not kernels.int4pack_layout_matches():
-                name += " (per-call repack: this build's int4pack layout differs)"
+                if self.bits == 4 and kernels.can_repack_in_place():
+                    name += " (this build packs 64-row blocks: a cache slot is repacked once per copy)"
+                else:
+                    name += " (per-call repack: this build's int4pack layout differs)"
             return name
         return super().kernel(device, dtype, in_features, tokens)
 
@@ -508,6 +526,8 @@ def pack(q: QTensor) -> torch.Tensor:
     fmt = get_format(q.format)
     shape = _check_shape(tuple(q.shape))
     offs = _offsets(fmt.name, shape)
+    if q.native:
+        raise ValueError("pack: this QTensor's qweight was repacked in place for the int4 kernel (a cache slot's view)")
     if set(q.parts) != {p for p, _, _, _ in offs}:
         raise ValueError(f"pack: a {fmt.name} {shape} QTensor has parts {[p for p, *_ in offs]}, got {sorted(q.parts)}")
     buf = torch.zeros(offs[-1][3], dtype=torch.uint8, device=q.device)

@@ -12,8 +12,10 @@ Glossary:
   low nibble and row ``32b + 16 + d`` in its high nibble. Storing that order means the int4 kernel
   reads a slot as it lies, with no per-call repack (measured: the repack of a 5632 x 1024 matrix costs
   3x the matmul itself). ``int4pack_layout_matches()`` checks once per process that this torch build
-  packs the same way (AVX512 builds use 64-row blocks); where it does not, ``int4_linear_cpu``
-  converts per call (correct, slower).
+  packs the same way. AVX512 builds pack 64-row blocks: there a cache slot's int4 weights are turned
+  into that layout in place by byte shuffles, once per copy into the slot (``repack_for_cpu``,
+  ``unrepack_for_cpu``; ``formats.QTensor.in_slot``); other weights, and builds packing yet another
+  way, are converted per call (correct, slower).
 - *scale_zero*: ``[Kp / G, Np, 2]`` (scale, zero) per group and row, the kernel's ``qScaleAndZeros``;
   a weight is ``(code - 8) * scale + zero`` (torch's int4 convention, for every bit width here).
 
@@ -157,24 +159,99 @@ def int4pack_layout_matches() -> bool:
     return theirs.dtype == torch.uint8 and torch.equal(theirs.reshape(-1), codes_to_nib(codes.to(torch.uint8)).reshape(-1))
 
 
-def int4_linear_cpu(x2d: torch.Tensor, nib: torch.Tensor, group: int, scale_zero: torch.Tensor) -> torch.Tensor:
+def int4_linear_cpu(
+    x2d: torch.Tensor, nib: torch.Tensor, group: int, scale_zero: torch.Tensor, native: bool = False
+) -> torch.Tensor:
     """``x2d [M, Kp] bf16 @ W.T`` with W given as nibble layout + scale_zero (bf16): torch's CPU kernel.
 
-    Returns ``[M, Np]`` bf16. Where this build packs differently, converts the nibble layout per call.
+    Returns ``[M, Np]`` bf16. ``native``: ``nib`` already holds this build's layout (``repack_for_cpu``);
+    otherwise, where this build packs differently, the nibble layout is converted for this call.
     """
-    if not int4pack_layout_matches():
+    if not native and not int4pack_layout_matches():
         nib = repack_for_cpu(nib)
     return torch.ops.aten._weight_int4pack_mm_for_cpu(x2d, nib, group, scale_zero)
+
+
+def can_repack_in_place() -> bool:
+    """Whether a nibble-layout weight may be turned into this build's layout and back (``repack_for_cpu``
+    / ``unrepack_for_cpu`` by byte shuffles): builds that pack 64-row blocks."""
+    return has_int4_cpu_kernel() and not int4pack_layout_matches() and _packs_64_row_blocks()
 
 
 REPACK_CHUNK = 1 << 20  # bytes of int32 codes converted at a time by ``repack_for_cpu``
 
 
 def repack_for_cpu(nib: torch.Tensor) -> torch.Tensor:
-    """The nibble layout ``uint8 [Np, Kp/2]`` in this torch build's own int4pack layout, converted by row
-    chunks (multiples of 64 rows: whole blocks for 32- and 64-row packers) so the int32 codes the packer
-    takes never exist for the whole matrix at once: 4 bytes a weight (23 MB for one 5632 x 1024 matrix,
-    allocated and freed per call) grew a 2 GB checkpoint's int4 prefill by ~110 MiB of RSS."""
+    """The nibble layout ``uint8 [Np, Kp/2]`` in this torch build's own int4pack layout: by byte
+    shuffles where the build packs 64-row blocks (``_to_64_row_blocks``, AVX512 builds), else through
+    the build's packer by row chunks."""
+    if _packs_64_row_blocks():
+        return _to_64_row_blocks(nib)
+    return _repack_with_packer(nib)
+
+
+def _to_64_row_blocks(nib: torch.Tensor) -> torch.Tensor:
+    """The nibble layout (32-row blocks, rows ``d`` and ``16 + d`` share a byte) as AVX512 torch packs
+    it: 64-row blocks ``[Kp, 32]`` whose byte ``(k, d)`` holds rows ``64 b + d`` (low nibble) and
+    ``64 b + 32 + d`` (high); a last block of 32 rows pairs rows ``2 d`` and ``2 d + 1``. Nibble moves on
+    0.5 byte a weight, 4 bytes at a time (``_words``): the packer's path goes through int32 codes,
+    8 times the bytes, and cost 3x the matmul it served."""
+    n, half_k = nib.shape
+    k = 2 * half_k
+    full = n // 64
+    parts = []
+    if full:  # pairs of 32-row blocks A, B: bytes d < 16 take A.lo | B.lo << 4, bytes 16 + d A.hi | B.hi << 4
+        w = _words(nib[: 64 * full]).view(2 * full, k, 4)  # [block, k, 16 bytes as 4 words]
+        a, b = w[0::2], w[1::2]
+        low = (a & _LOW_NIBBLES) | ((b & _LOW_NIBBLES) << 4)
+        high = ((a >> 4) & _LOW_NIBBLES) | (b & ~_LOW_NIBBLES)
+        parts.append(torch.stack((low, high), dim=2).view(torch.uint8).reshape(-1))
+    if n % 64:  # a last 32-row block: rows 2 d and 2 d + 1 share byte d
+        lo, hi = split_nibbles(nib[64 * full :].reshape(k, HALF))
+        rows = torch.cat((lo, hi), dim=1)  # [Kp, 32]: [k, d] = code of row d
+        parts.append((_words(rows[:, 0::2]) | (_words(rows[:, 1::2]) << 4)).view(torch.uint8).reshape(-1))
+    return torch.cat(parts).view(n, half_k) if len(parts) > 1 else parts[0].view(n, half_k)
+
+
+def unrepack_for_cpu(native: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``_to_64_row_blocks``: this build's 64-row int4pack layout back to the nibble layout
+    (a new tensor). The same nibble moves: each 64-row block's bytes ``d < 16`` and ``16 + d`` give the
+    two 32-row blocks."""
+    n, half_k = native.shape
+    k = 2 * half_k
+    full = n // 64
+    parts = []
+    if full:
+        w = _words(native[: 64 * full]).view(full, k, 2, 4)  # [block, k, bytes 0-15 / 16-31 as words]
+        p, q = w[:, :, 0], w[:, :, 1]
+        first = (p & _LOW_NIBBLES) | ((q & _LOW_NIBBLES) << 4)  # rows 64 b + d, 64 b + 16 + d
+        second = ((p >> 4) & _LOW_NIBBLES) | (q & ~_LOW_NIBBLES)  # rows 64 b + 32 + d, 64 b + 48 + d
+        parts.append(torch.stack((first, second), dim=1).view(torch.uint8).reshape(-1))
+    if n % 64:  # the last 32 rows: byte d holds rows 2 d, 2 d + 1
+        lo, hi = split_nibbles(native[64 * full :].reshape(k, HALF))
+        rows = torch.stack((lo, hi), dim=2).reshape(k, BLOCK_N)  # [k, 32]: code of row r
+        parts.append((_words(rows[:, :HALF]) | (_words(rows[:, HALF:]) << 4)).view(torch.uint8).reshape(-1))
+    return torch.cat(parts).view(n, half_k) if len(parts) > 1 else parts[0].view(n, half_k)
+
+
+@functools.cache
+def _packs_64_row_blocks() -> bool:
+    """Whether this build's int4 packer writes ``_to_64_row_blocks``'s layout (checked once, on a random
+    96 x 64 matrix: one 64-row block and a 32-row tail)."""
+    if not has_int4_cpu_kernel():
+        return False
+    gen = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 16, (3 * BLOCK_N, 64), generator=gen, dtype=torch.int32)
+    theirs = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
+    ours = _to_64_row_blocks(codes_to_nib(codes.to(torch.uint8)))
+    return theirs.dtype == torch.uint8 and torch.equal(theirs.reshape(-1), ours.reshape(-1))
+
+
+def _repack_with_packer(nib: torch.Tensor) -> torch.Tensor:
+    """``repack_for_cpu`` through torch's packer, by row chunks (multiples of 64 rows: whole blocks for
+    32- and 64-row packers) so the int32 codes the packer takes never exist for the whole matrix at
+    once: 4 bytes a weight (23 MB for one 5632 x 1024 matrix, allocated and freed per call) grew a 2 GB
+    checkpoint's int4 prefill by ~110 MiB of RSS."""
     n, half_k = nib.shape
     step = max(64, REPACK_CHUNK // (8 * half_k) // 64 * 64)
     if n <= step:

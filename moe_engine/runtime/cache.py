@@ -78,10 +78,10 @@ class PackedLayout:
         fmt = self.formats(key, variant)
         i, h = self.intermediate, self.hidden
         (gu_off, gu_bytes), (dn_off, dn_bytes) = self._packing(fmt, i, h)
-        return (
-            unpack(buf[gu_off : gu_off + gu_bytes], fmt, (2 * i, h)),
-            unpack(buf[dn_off : dn_off + dn_bytes], fmt, (h, i)),
-        )
+        gate_up = unpack(buf[gu_off : gu_off + gu_bytes], fmt, (2 * i, h))
+        down = unpack(buf[dn_off : dn_off + dn_bytes], fmt, (h, i))
+        gate_up.in_slot = down.in_slot = True  # only these views read the slot until the next copy into it
+        return gate_up, down
 
 
 class ExpertReadError(OSError):
