@@ -708,9 +708,10 @@ def scores_to_probs(scores: np.ndarray, top_k: int) -> np.ndarray:
     the prediction-aware policy need one scale to compare experts of different layers.
     """
     s = np.asarray(scores, dtype=np.float64)
-    if np.all(s >= 0) and np.allclose(s.sum(-1), 0.0):
+    nonneg = bool((s >= 0).all())
+    if nonneg and bool((np.abs(s.sum(-1)) <= 1e-8).all()):  # np.allclose(sums, 0), at a tenth of its cost
         return np.zeros_like(s)
-    if np.all(s >= 0):  # counts or probabilities: normalise linearly
+    if nonneg:  # counts or probabilities: normalise linearly
         p = s / np.maximum(s.sum(-1, keepdims=True), 1e-12)
     else:
         z = s - s.max(-1, keepdims=True)
