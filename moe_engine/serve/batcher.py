@@ -433,7 +433,7 @@ class Batcher:
         reuse = (
             decode and held is not None and len(held[0]) == B and all(a is b for a, b in zip(held[0], seqs))
         )
-        if not reuse and held is not None and (decode or any(s in held[0] for s in seqs)):
+        if not reuse and held is not None and (decode or {id(s) for s in seqs} & {id(h) for h in held[0]}):
             self._release_held()
         lengths = torch.tensor([s.length for s in seqs])
         P = held[2] if reuse and held is not None else int(lengths.max())
