@@ -16,6 +16,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -433,6 +434,72 @@ def test_held_batch_joins_and_leaves_equal_generate_alone(model_and_tok, stock_m
         if EOS in ref:
             ref = ref[: ref.index(EOS) + 1]
         assert out[i] == ref[: len(out[i])] and len(out[i]) == len(ref), (i, out[i], ref)
+
+
+def test_failed_reads_mid_decode_end_those_requests_and_later_ones_are_exact(model_and_tok, stock_model, monkeypatch):
+    """Expert reads fail (EIO, injected into the real store) while a batch decodes with its held cache:
+    its requests end with an error event, the held batch is dropped, and requests after the fault
+    clears get exactly ``generate()``'s answer for their prompt alone."""
+    import errno
+
+    from moe_engine.serve.batcher import Batcher, BatcherConfig, SamplingParams
+
+    model, tok = model_and_tok
+    store = model.engine.store
+    real = store.read_expert_into
+    failing = threading.Event()
+
+    def flaky(loc, slot):
+        if failing.is_set():
+            raise OSError(errno.EIO, "injected read error")
+        return real(loc, slot)
+
+    monkeypatch.setattr(store, "read_expert_into", flaky)
+    penalty = stock_model.generation_config.repetition_penalty
+    params = SamplingParams(max_new_tokens=24, repetition_penalty=penalty, stop_token_ids=frozenset({EOS}))
+    batcher = Batcher(model, BatcherConfig(max_seqs=8, prefill_chunk=128), pad_token_id=EOS)
+    ended: dict[int, concurrent.futures.Future] = {}
+
+    def submit(text, on_token=None):
+        done = concurrent.futures.Future()
+        tokens: list[int] = []
+
+        def sink(ev):
+            if ev.token is not None:
+                tokens.append(ev.token)
+                if on_token is not None:
+                    on_token(len(tokens))
+            if ev.finish_reason:
+                done.set_result((ev.finish_reason, tokens))
+
+        ended[batcher.submit(tok(text)["input_ids"], params, sink)] = done
+        return done
+
+    def fail_after_4(n):
+        if n == 4 and batcher.metrics.held_forwards > 0:
+            failing.set()
+
+    batcher.start()
+    try:
+        first = [submit("And the king said unto", fail_after_4), submit("O Romeo")]
+        for f in first:
+            reason, _ = f.result(timeout=120)
+            assert reason == "error"
+        assert batcher._held is None
+        failing.clear()
+        later = {t: submit(t) for t in ("Thus saith the Lord", "Then came David into the city, and")}
+        for text, f in later.items():
+            reason, got = f.result(timeout=120)
+            ids = tok(text)["input_ids"]
+            with torch.inference_mode():
+                ref = stock_model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False,
+                                           pad_token_id=EOS)[0, len(ids) :].tolist()  # fmt: skip
+            if EOS in ref:
+                ref = ref[: ref.index(EOS) + 1]
+            assert reason in ("length", "stop") and got == ref, (text, got, ref)
+    finally:
+        failing.clear()
+        batcher.stop(drain=True, timeout=120)
 
 
 def test_simple_chat_template_documented():
