@@ -60,6 +60,17 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return front
 
 
+def paired_difference(a: np.ndarray, b: np.ndarray) -> dict[str, Any]:
+    """Mean per-token NLL of system a minus b over the same validation windows, with the standard error
+    of that mean from the windows' paired differences (how far the comparison stands above the noise of
+    which windows the text happens to hold)."""
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
+    mean = float(d.mean())
+    return {"nll_diff_per_token": round(mean, 7), "nll_diff_standard_error": round(se, 7),
+            "nll_diff_in_standard_errors": round(mean / se, 2) if se > 0 else None, "windows": int(len(d))}
+
+
 def _plot(rows: list[dict[str, Any]], path: Path) -> str | None:
     try:
         import matplotlib
@@ -185,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         if wanted:
             systems = [s for s in systems if s[0] in wanted or s[0].startswith("stored")]
 
+        window_nll: dict[str, np.ndarray] = {}  # system -> mean NLL of each validation window
         for name, formats, info in systems:
             t0 = time.perf_counter()
             ckpt = Path(tmp) / name.replace(" ", "_").replace("(", "").replace(")", "").replace("@", "_at_")
@@ -206,7 +218,9 @@ def main(argv: list[str] | None = None) -> int:
                     for block, (g0, d0) in zip(blocks, original):
                         block.experts.gate_up_proj.copy_(g0)
                         block.experts.down_proj.copy_(d0)
-            nll, scored, counts = evaluate(model, val_ids, args.seq_len, 8, max_tokens, True, top_k)
+            windows: list[float] = []
+            nll, scored, counts = evaluate(model, val_ids, args.seq_len, 8, max_tokens, True, top_k, windows)
+            window_nll[name] = np.array(windows) / args.seq_len
             nbytes = np.array([[expert_nbytes(f, gu, dn) for f in layer] for layer in formats], dtype=np.float64)
             bytes_per_token = float((counts * nbytes).sum() / scored)
             total = float(nbytes.sum())
@@ -245,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
                 "uniform_ppl_increase_pct": uni_row["ppl_increase_pct"],
                 "uniform_format": next(iter(uni_row["formats"])), "ilp_bytes": ilp_row["expert_bytes_total"],
                 "uniform_bytes": uni_row["expert_bytes_total"], "ilp_better": ilp_row["perplexity"] < uni_row["perplexity"],
+                **paired_difference(window_nll[f"ilp@{label}"], window_nll[f"uniform@{label}"]),
             }  # fmt: skip
     front = pareto_front([(r["bytes_per_token"], r["perplexity"]) for r in rows])
     report = {

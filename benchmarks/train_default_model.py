@@ -279,9 +279,11 @@ def lr_at(frac: float, base: float, warmup_frac: float, min_ratio: float = 0.1) 
 
 
 def evaluate(
-    model, val: np.ndarray, seq_len: int, batch_size: int, max_tokens: int, is_moe: bool, top_k: int
+    model, val: np.ndarray, seq_len: int, batch_size: int, max_tokens: int, is_moe: bool, top_k: int,
+    window_nll: list[float] | None = None,
 ):
-    """Validation loss over consecutive non-overlapping windows; per-layer load counts for the MoE."""
+    """Validation loss over consecutive non-overlapping windows; per-layer load counts for the MoE.
+    ``window_nll``: if given, each window's summed NLL is appended to it (for paired comparisons)."""
     import torch
 
     n_win = min((len(val) - 1) // seq_len, max(1, max_tokens // seq_len))
@@ -296,9 +298,11 @@ def evaluate(
             )
             out = model(input_ids=x[:, :-1], output_router_logits=is_moe, use_cache=False)
             nll = torch.nn.functional.cross_entropy(
-                out.logits.float().reshape(-1, out.logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum"
+                out.logits.float().reshape(-1, out.logits.shape[-1]), x[:, 1:].reshape(-1), reduction="none"
             )
-            total_nll += float(nll)
+            total_nll += float(nll.sum())
+            if window_nll is not None:
+                window_nll.extend(nll.view(len(idx), -1).sum(dim=1).tolist())
             total_tok += x[:, 1:].numel()
             if is_moe:
                 _, c = switch_aux_loss(out.router_logits, top_k)

@@ -229,31 +229,46 @@ def test_64_row_shuffle_round_trips():
         assert torch.equal(kernels.unrepack_for_cpu(kernels._to_64_row_blocks(nib)), nib)
 
 
-def test_int4_slot_view_is_repacked_once_in_place():
-    """A cache slot's int4 views (``in_slot``) are rewritten into this build's layout at the first kernel
-    call where it packs 64-row blocks: the same outputs, call after call; dequantize still reads the
-    codes right; packing such a view is refused. Plain QTensors are never changed."""
-    from moe_engine.quant.formats import pack, unpack
+def test_int4_slot_view_is_rewritten_in_place_for_the_kernel(monkeypatch):
+    """Where this build packs 64-row blocks, a slot's int4 views are rewritten into that layout once:
+    large matrices when the copy lands (``kernel_layout`` -> ``to_kernel_layout``, on the I/O thread),
+    small ones (``in_slot``) at the first kernel call. Either way the kernel gives the same outputs, call
+    after call, dequantize still reads the codes right, and packing such a view is refused. Formats and
+    activations the kernel does not serve, and plain QTensors, are never rewritten."""
+    from moe_engine.quant.formats import GroupFormat, pack, unpack
 
     if not kernels.has_int4_cpu_kernel():
         pytest.skip("no CPU int4 kernel in this torch")
     fmt = get_format("int4-g64")
+    cpu, bf16 = torch.device("cpu"), torch.bfloat16
+    big = (5632, 1024)  # a 2 GB bench gate_up: 2.9 MB of codes
+    assert fmt.kernel_layout(big, cpu, bf16) == kernels.can_repack_in_place()
+    assert not fmt.kernel_layout(big, cpu, torch.float32)  # fp32 activations: the dequantize path
+    assert not get_format("int3-g64").kernel_layout(big, cpu, bf16)
+    assert not fmt.kernel_layout((256, 192), cpu, bf16)  # small: rewritten at the first call instead
+    monkeypatch.setattr(GroupFormat, "LAND_MIN_BYTES", 0)
+    assert not get_format("int4-row").kernel_layout((256, 192), cpu, bf16)  # group 192: no kernel
     for shape in _default_shapes():
         q = _quantized("int4-g64", shape)
         before = q.parts["qweight"].clone()
-        x = torch.randn(3, shape[1]).to(torch.bfloat16)
+        x = torch.randn(3, shape[1]).to(bf16)
         expected, weight = fmt.linear(x, q), fmt.dequantize(q)
         assert torch.equal(q.parts["qweight"], before) and not q.native  # not a slot view: left alone
-        view = unpack(pack(q).clone(), "int4-g64", shape)
-        view.in_slot = True
-        for _ in range(2):
-            assert torch.equal(fmt.linear(x, view), expected)
-        assert view.native == kernels.can_repack_in_place()
-        assert torch.equal(fmt.dequantize(view), weight)
-        if view.native:
-            assert not torch.equal(view.parts["qweight"], before)
-            with pytest.raises(ValueError, match="repacked in place"):
-                pack(view)
+        assert fmt.kernel_layout(shape, cpu, bf16) == kernels.can_repack_in_place()
+        landed = unpack(pack(q).clone(), "int4-g64", shape)
+        if kernels.can_repack_in_place():
+            fmt.to_kernel_layout(landed)
+        lazy = unpack(pack(q).clone(), "int4-g64", shape)
+        lazy.in_slot = True
+        for view in (landed, lazy):
+            for _ in range(2):
+                assert torch.equal(fmt.linear(x, view), expected)
+            assert view.native == kernels.can_repack_in_place()
+            assert torch.equal(fmt.dequantize(view), weight)
+            if view.native:
+                assert not torch.equal(view.parts["qweight"], before)
+                with pytest.raises(ValueError, match="repacked in place"):
+                    pack(view)
 
 
 def test_linear_of_no_tokens_and_bad_input():

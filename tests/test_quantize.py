@@ -274,6 +274,12 @@ def test_cli_quantize_uniform_and_ilp(tmp_path, capsys):
     qc = read_quantization_config(tmp_path / "q4")
     assert {f for layer in qc.experts for f in layer} == {"int4-g32"}
     assert "wrote" in capsys.readouterr().out
+    assert main(["quantize", "--model", str(src_path), "--out", str(tmp_path / "q3row"), "--bits", "3",
+                 "--group-size", "row", "--quiet"]) == 0  # fmt: skip
+    qc_row = read_quantization_config(tmp_path / "q3row")
+    assert {f for layer in qc_row.experts for f in layer} == {"int3-row"}
+    assert expert_nbytes("int3-row", qc_row.gate_up_shape, qc_row.down_shape) < expert_nbytes(
+        "int3-g32", qc_row.gate_up_shape, qc_row.down_shape)
     code = main(["quantize", "--model", str(tmp_path / "q4"), "--out", str(tmp_path / "again"), "--bits", "2"])
     assert code == 2 and "already quantized by moe-engine" in capsys.readouterr().err
     text = tmp_path / "calib.txt"

@@ -12,7 +12,7 @@ copied as stored. The output's config.json carries a quantization_config (quant_
 naming each expert's format; see moe_engine/quant/checkpoint.py for the format.
 
 Uniform: every expert in one format: --bits 8 (int8, one scale per output channel), 4, 3 or 2
-(group-wise along the input dimension, --group-size 32, 64 or 128; scales and zero points per group).
+(group-wise along the input dimension, --group-size 32, 64, 128 or row; scales and zero points per group).
 
 ILP (--allocation ilp): runs the model on --calibration text, measures how much each expert's output
 error in each candidate format costs (how often the router picks it x its router weight x its output
@@ -37,8 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bits", type=int, default=None,
                    help="uniform allocation: 8, 4, 3 or 2 bits per weight; 16 keeps each expert at its stored "
                         "precision (with --copies: a checkpoint for from_pretrained(quality='balanced'/'fast'))")
-    p.add_argument("--group-size", type=int, default=64,
-                   help="weights per scale/zero group for 4, 3 and 2 bits: 32, 64 or 128 (default 64)")
+    p.add_argument("--group-size", default="64",
+                   help="weights per scale/zero group for 4, 3 and 2 bits: 32, 64, 128, or row (one group per "
+                        "output row: fewest scale bytes) (default 64)")
     p.add_argument("--allocation", choices=["uniform", "ilp"], default="uniform",
                    help="uniform (--bits) or ilp (--mean-bits with --calibration) (default uniform)")
     p.add_argument("--mean-bits", type=float, default=None,
@@ -108,8 +109,12 @@ def run(args: argparse.Namespace) -> int:
     if not out.parent.is_dir():
         raise UserError(f"--out {out}: its folder {out.parent} does not exist")
     groups = sorted({int(f.rsplit("-g", 1)[1]) for f in available_formats() if f.startswith("int4-g")})
-    if args.group_size not in groups:
-        raise UserError(f"unsupported --group-size {args.group_size}; choose one of {', '.join(map(str, groups))}")
+    if str(args.group_size) == "row":
+        args.group_size = "row"
+    elif str(args.group_size).isdigit() and int(args.group_size) in groups:
+        args.group_size = int(args.group_size)
+    else:
+        raise UserError(f"unsupported --group-size {args.group_size}; choose one of {', '.join(map(str, groups))} or row")
     if args.allocation == "uniform":
         if args.bits is None:
             raise UserError("give --bits 8, 4, 3 or 2 (or --allocation ilp with --mean-bits and --calibration)")

@@ -64,11 +64,14 @@ if TYPE_CHECKING:
 BITS = (2, 3, 4, 8)
 
 
-def format_for_bits(bits: int, group_size: int) -> str:
-    """The uniform format of ``bits`` (8: int8 per output channel; 4, 3, 2: group-wise with ``group_size``)."""
+def format_for_bits(bits: int, group_size: int | str) -> str:
+    """The uniform format of ``bits`` (8: int8 per output channel; 4, 3, 2: group-wise with ``group_size``,
+    or ``"row"``: one group per output row)."""
     if bits not in BITS:
         raise ValueError(f"unsupported bits {bits}; choose one of {', '.join(map(str, BITS))}")
-    return "int8" if bits == 8 else f"int{bits}-g{group_size}"
+    if bits == 8:
+        return "int8"
+    return f"int{bits}-row" if group_size == "row" else f"int{bits}-g{group_size}"
 
 
 def expert_nbytes(fmt: str, gate_up_shape: tuple[int, int], down_shape: tuple[int, int]) -> int:
@@ -80,7 +83,8 @@ def expert_nbytes(fmt: str, gate_up_shape: tuple[int, int], down_shape: tuple[in
 
 
 def candidate_formats(gate_up_shape: tuple[int, int], down_shape: tuple[int, int]) -> list[str]:
-    """The registered int2/int3/int4 group-wise formats whose group divides both input widths, and int8."""
+    """The registered int2/int3/int4 group-wise formats whose group divides both input widths (``-row``
+    formats: one group per row, always), and int8."""
     from moe_engine.quant.formats import GroupFormat, available_formats, get_format
 
     out = []
@@ -93,14 +97,13 @@ def candidate_formats(gate_up_shape: tuple[int, int], down_shape: tuple[int, int
         f = get_format(name)
         if not isinstance(f, GroupFormat):
             continue
-        group = f.group
-        if gate_up_shape[1] % group == 0 and down_shape[1] % group == 0:
+        if f.divides(gate_up_shape[1]) and f.divides(down_shape[1]):
             out.append(name)
     return sorted(out, key=lambda n: expert_nbytes(n, gate_up_shape, down_shape))
 
 
 def mean_bits_budget(
-    mean_bits: float, group_size: int, gate_up_shape: tuple[int, int], down_shape: tuple[int, int], num_experts: int
+    mean_bits: float, group_size: int | str, gate_up_shape: tuple[int, int], down_shape: tuple[int, int], num_experts: int
 ) -> int:
     """Bytes for ``num_experts`` experts at ``mean_bits`` (see the module docstring); ValueError outside [2, 8]."""
     if not (isinstance(mean_bits, (int, float)) and 2 <= mean_bits <= 8):

@@ -8,7 +8,8 @@ Glossary:
 - *format*: an ``ExpertFormat`` registered under its name (``available_formats()``): the stored dtypes
   ``bf16 fp16 fp32``; ``int8`` (symmetric, one scale per output row); ``int4-gG``, ``int3-gG``,
   ``int2-gG`` for G in 32, 64, 128 (asymmetric groups of G input columns, scale + zero per group,
-  fitted by ``moe_engine.quant.hqq``); ``fp8-e4m3`` (128 x 128 block scales, DeepSeek-V3's layout).
+  fitted by ``moe_engine.quant.hqq``), and ``int4-row``, ``int3-row``, ``int2-row`` (one group per
+  output row, whatever the width: the fewest scale bytes, for experts the router rarely picks); ``fp8-e4m3`` (128 x 128 block scales, DeepSeek-V3's layout).
 - *matrix*: one expert weight ``[out, in]`` (transformers layout, ``y = x @ W.T``).
 - *part*: one tensor of a quantized matrix (``QTensor.parts``); ``layout(shape)`` lists them in
   packing order with dtype and shape.
@@ -16,7 +17,7 @@ Glossary:
   64 bytes; ``nbytes(shape)`` is its exact length (the end of the last part, no tail padding).
   ``unpack`` returns views into such a buffer (no copy); ``linear`` consumes those views as they lie.
 - *padding*: group formats pad ``out`` to a multiple of 32 (the int4 kernel's row block) and ``in`` to
-  a multiple of G (the last column repeated, so padding never widens a group's range); ``dequantize``
+  a multiple of G (``-row``: of 2; the last column repeated, so padding never widens a group's range); ``dequantize``
   and ``linear`` return the unpadded ``[out, in]`` / ``[..., out]``.
 
 Kernels (what ``linear`` runs; ``fmt.kernel(device, dtype)`` names it):
@@ -55,6 +56,8 @@ from moe_engine.quant.hqq import fit_affine
 
 ALIGN = 64
 GROUP_SIZES = (32, 64, 128)
+ROW = 0  # GroupFormat's group for "one group per output row": the ``int{b}-row`` formats
+KERNEL_GROUPS = (32, 64, 128, 256)  # group sizes torch's int4 CPU kernel takes
 FP8_BLOCK = (128, 128)
 FP8_MAX = 448.0
 DEQUANT_CHUNK = 1 << 18  # weights dequantized at once by the CPU fallback (1 MiB of fp32)
@@ -71,9 +74,10 @@ class QTensor:
     shape: tuple[int, int]
     parts: dict[str, torch.Tensor]
     # A cache slot's views (``PackedLayout.views``), read by nothing else until the next copy into the
-    # slot makes new views: the int4 kernel may then rewrite ``qweight`` in place, once, into this torch
-    # build's int4pack layout (``native``) instead of converting it at every call.
+    # slot makes new views: the int4 kernel may rewrite ``qweight`` in place, once, at its first call.
     in_slot: bool = False
+    # ``qweight`` holds this torch build's int4pack layout, not the nibble layout (rewritten in place when
+    # the copy landed, ``GroupFormat.kernel_layout``, or at the first kernel call on a slot view).
     native: bool = False
 
     @property
@@ -174,6 +178,15 @@ class ExpertFormat(ABC):
         if x.device.type == "cpu":
             return _cpu_fp32_linear(x, self.dequantize(q, torch.float32))
         return F.linear(x, self.dequantize(q, x.dtype))
+
+    def kernel_layout(self, shape: tuple[int, int], device: torch.device | str, dtype: torch.dtype) -> bool:
+        """Whether a cache slot's copy of a ``shape`` matrix, computed with ``dtype`` activations on
+        ``device``, is rewritten into a kernel's own layout when it lands (``to_kernel_layout``)."""
+        return False
+
+    def to_kernel_layout(self, q: QTensor) -> None:
+        """Rewrite ``q`` (a slot's views) in place into the kernel's layout; sets ``q.native``."""
+        raise NotImplementedError(f"{self.name} has no kernel layout")
 
     def kernel(self, device: torch.device | str, dtype: torch.dtype, in_features: int = 8, tokens: int = 1) -> str:
         """Name of what ``linear`` runs for ``tokens`` rows of ``dtype`` activations on ``device``."""
@@ -285,19 +298,31 @@ class GroupFormat(ExpertFormat):
     codes as bit planes of it; scale and zero bf16, ``[in_pad / group, out_pad, 2]``."""
 
     def __init__(self, bits: int, group: int) -> None:
-        if bits not in (2, 3, 4) or group not in GROUP_SIZES:
-            raise ValueError(f"group formats take bits in (2, 3, 4) and group in {GROUP_SIZES}, got {bits}, {group}")
+        if bits not in (2, 3, 4) or group not in (*GROUP_SIZES, ROW):
+            raise ValueError(
+                f"group formats take bits in (2, 3, 4) and group in {GROUP_SIZES} or {ROW} (one group per row), "
+                f"got {bits}, {group}"
+            )
         self.bits, self.group = bits, group
-        self.name = f"int{bits}-g{group}"
+        self.name = f"int{bits}-row" if group == ROW else f"int{bits}-g{group}"
 
     def padded(self, shape: tuple[int, int]) -> tuple[int, int]:
         n, k = _check_shape(tuple(shape))
-        return _ceil_to(n, kernels.BLOCK_N), _ceil_to(k, self.group)
+        return _ceil_to(n, kernels.BLOCK_N), _ceil_to(k, self.group or 2)
+
+    def group_of(self, kp: int) -> int:
+        """Columns per group of a matrix whose padded input width is ``kp`` (``kp`` itself for ``-row``)."""
+        return self.group or kp
+
+    def divides(self, in_features: int) -> bool:
+        """Whether a matrix of ``in_features`` columns needs no padded columns (``-row`` formats: always,
+        up to one column for an odd width)."""
+        return in_features % (self.group or 2) == 0
 
     def layout(self, shape: tuple[int, int]) -> Layout:
         np_, kp = self.padded(shape)
         nib_bytes = np_ * kp // 2
-        sz = ("scale_zero", torch.bfloat16, (kp // self.group, np_, 2))
+        sz = ("scale_zero", torch.bfloat16, (kp // self.group_of(kp), np_, 2))
         if self.bits == 4:
             return [("qweight", torch.uint8, (np_, kp // 2)), sz]
         if self.bits == 2:
@@ -314,9 +339,10 @@ class GroupFormat(ExpertFormat):
             w32 = torch.cat([w32, w32[:, -1:].expand(n, kp - k)], dim=1)
         if np_ > n:
             w32 = torch.cat([w32, w32.new_zeros(np_ - n, kp)], dim=0)
-        codes, scale, zero = fit_affine(w32.reshape(-1, self.group), self.bits, iters)
+        g = self.group_of(kp)
+        codes, scale, zero = fit_affine(w32.reshape(-1, g), self.bits, iters)
         nib = kernels.codes_to_nib(codes.view(np_, kp))
-        sz = torch.stack((scale, zero), dim=-1).view(np_, kp // self.group, 2).transpose(0, 1)
+        sz = torch.stack((scale, zero), dim=-1).view(np_, kp // g, 2).transpose(0, 1)
         parts = {"scale_zero": sz.to(torch.bfloat16).contiguous()}
         if self.bits == 4:
             parts["qweight"] = nib
@@ -352,7 +378,7 @@ class GroupFormat(ExpertFormat):
         (low: rows ``32 b + d``, high: rows ``32 b + 16 + d``). A weight is ``(code - 8) * scale + zero``:
         the product is exact in fp32 and the sum rounds once, as in torch's int4 kernel."""
         kp = nib.shape[1] * 2
-        nb, g = b1 - b0, self.group
+        nb, g = b1 - b0, self.group_of(kp)
         halves = kernels.split_nibbles(nib.view(-1, kp, kernels.HALF)[b0:b1])
         out = []
         for h, codes in enumerate(halves):
@@ -393,15 +419,16 @@ class GroupFormat(ExpertFormat):
     # 462 vs 393 at 512)
     KERNEL_MAX_TOKENS = 256
 
-    def _fast(self, device: torch.device, dtype: torch.dtype, tokens: int) -> bool:
+    def _fast(self, device: torch.device, dtype: torch.dtype, in_features: int, tokens: int) -> bool:
+        kp = _ceil_to(in_features, self.group or 2)
         return (
             device.type == "cpu" and dtype == torch.bfloat16 and 0 < tokens <= self.KERNEL_MAX_TOKENS
-            and kernels.has_int4_cpu_kernel()
+            and self.group_of(kp) in KERNEL_GROUPS and kernels.has_int4_cpu_kernel()
         )
 
     def linear(self, x: torch.Tensor, q: QTensor) -> torch.Tensor:
         _check_input(x, q)
-        if not self._fast(x.device, x.dtype, x.numel() // q.shape[1]):
+        if not self._fast(x.device, x.dtype, q.shape[1], x.numel() // q.shape[1]):
             return self.linear_dequant(x, q)
         n, k = q.shape
         np_, kp = self.padded(q.shape)
@@ -409,20 +436,42 @@ class GroupFormat(ExpertFormat):
         if kp > k:
             x2 = F.pad(x2, (0, kp - k))
         if self.bits == 4 and q.in_slot and not q.native and kernels.can_repack_in_place():
-            weight = q.parts["qweight"].view(np_, kp // 2)
-            weight.copy_(kernels.repack_for_cpu(weight))  # once per copy into the slot, not per call
-            q.native = True
+            self.to_kernel_layout(q)  # a small slot matrix: once per copy into the slot, not per call
+        g = self.group_of(kp)
         if q.native:
-            y = kernels.int4_linear_cpu(x2.contiguous(), q.parts["qweight"].view(np_, kp // 2), self.group,
+            y = kernels.int4_linear_cpu(x2.contiguous(), q.parts["qweight"].view(np_, kp // 2), g,
                                         q.parts["scale_zero"], native=True)  # fmt: skip
         else:
-            y = kernels.int4_linear_cpu(x2.contiguous(), self.nib(q), self.group, q.parts["scale_zero"])
+            y = kernels.int4_linear_cpu(x2.contiguous(), self.nib(q), g, q.parts["scale_zero"])
         if np_ > n:
             y = y[:, :n]
         return y.reshape(*x.shape[:-1], n)
 
+    # Codes of a slot matrix from which its rewrite into the kernel layout runs on the I/O thread when the
+    # copy lands. Smaller ones are rewritten by the compute thread at their first kernel call: a rewrite
+    # is a dozen torch ops, and on a small matrix their Python overhead on a thread beside compute cost
+    # compute more in GIL handovers than it saved (default model, fast quality: 40 vs 50 tok/s). A
+    # 5632 x 1024 int4 matrix takes ~2 ms, nearly all inside torch kernels that release the GIL.
+    LAND_MIN_BYTES = 1 << 18
+
+    def kernel_layout(self, shape: tuple[int, int], device: torch.device | str, dtype: torch.dtype) -> bool:
+        """int4 with a kernel group size, bf16 on CPU, a build that packs 64-row blocks (AVX512), codes of
+        at least ``LAND_MIN_BYTES``: the slot is rewritten by byte shuffles on the I/O thread that read
+        it, once per copy, not through int32 codes at every call."""
+        np_, kp = self.padded(shape)
+        return (
+            self.bits == 4 and np_ * kp // 2 >= self.LAND_MIN_BYTES
+            and self._fast(torch.device(device), dtype, shape[1], 1) and kernels.can_repack_in_place()
+        )  # fmt: skip
+
+    def to_kernel_layout(self, q: QTensor) -> None:
+        np_, kp = self.padded(q.shape)
+        weight = q.parts["qweight"].view(np_, kp // 2)
+        weight.copy_(kernels.repack_for_cpu(weight))
+        q.native = True
+
     def kernel(self, device: torch.device | str, dtype: torch.dtype, in_features: int = 8, tokens: int = 1) -> str:
-        if self._fast(torch.device(device), dtype, tokens):
+        if self._fast(torch.device(device), dtype, in_features, tokens):
             name = "aten._weight_int4pack_mm_for_cpu"
             if self.bits < 4:
                 name = f"int{self.bits}->int4 nibble expand + " + name
@@ -499,7 +548,7 @@ for _name, _dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32"
     register_format(StoredFormat(_name, _dtype))
 register_format(Int8Format())
 for _bits in (4, 3, 2):
-    for _group in GROUP_SIZES:
+    for _group in (*GROUP_SIZES, ROW):
         register_format(GroupFormat(_bits, _group))
 register_format(Fp8Format())
 
