@@ -36,7 +36,7 @@ from moe_engine.quant.formats import Fp8Format, GroupFormat, StoredFormat
 CONTRACT_FORMATS = [
     "bf16", "fp16", "fp32", "int8",
     "int4-g32", "int4-g64", "int4-g128", "int3-g32", "int3-g64", "int3-g128",
-    "int2-g32", "int2-g64", "int2-g128", "fp8-e4m3",
+    "int2-g32", "int2-g64", "int2-g128", "int4-row", "int3-row", "int2-row", "fp8-e4m3",
 ]
 TOL_EPS = {torch.float32: 16.0, torch.bfloat16: 2.0, torch.float16: 2.0}
 
@@ -151,6 +151,9 @@ def test_fast_kernels_are_the_ones_used_on_cpu_bf16():
         for name in ("int4-g64", "int3-g64", "int2-g64"):
             assert "_weight_int4pack_mm_for_cpu" in get_format(name).kernel("cpu", torch.bfloat16)
     assert "dequantize(fp32)" in get_format("int4-g64").kernel("cpu", torch.float32)
+    if kernels.has_int4_cpu_kernel():  # -row: one group of the whole width, a size the kernel may not take
+        assert "_weight_int4pack_mm_for_cpu" in get_format("int4-row").kernel("cpu", torch.bfloat16, 128)
+    assert "dequantize(fp32)" in get_format("int4-row").kernel("cpu", torch.bfloat16, 192)
     assert get_format("int4-g64").kernel("cuda", torch.bfloat16) == "dequantize(bfloat16) + F.linear"
     # long prefills: one dequantize + fp32 GEMM beats the kernels, which re-dequantize per 4 rows
     assert "dequantize(fp32)" in get_format("int8").kernel("cpu", torch.bfloat16, 192, tokens=65)
@@ -229,46 +232,31 @@ def test_64_row_shuffle_round_trips():
         assert torch.equal(kernels.unrepack_for_cpu(kernels._to_64_row_blocks(nib)), nib)
 
 
-def test_int4_slot_view_is_rewritten_in_place_for_the_kernel(monkeypatch):
-    """Where this build packs 64-row blocks, a slot's int4 views are rewritten into that layout once:
-    large matrices when the copy lands (``kernel_layout`` -> ``to_kernel_layout``, on the I/O thread),
-    small ones (``in_slot``) at the first kernel call. Either way the kernel gives the same outputs, call
-    after call, dequantize still reads the codes right, and packing such a view is refused. Formats and
-    activations the kernel does not serve, and plain QTensors, are never rewritten."""
-    from moe_engine.quant.formats import GroupFormat, pack, unpack
+def test_int4_slot_view_is_repacked_once_in_place():
+    """A cache slot's int4 views (``in_slot``) are rewritten into this build's layout at the first kernel
+    call where it packs 64-row blocks: the same outputs, call after call; dequantize still reads the
+    codes right; packing such a view is refused. Plain QTensors are never changed."""
+    from moe_engine.quant.formats import pack, unpack
 
     if not kernels.has_int4_cpu_kernel():
         pytest.skip("no CPU int4 kernel in this torch")
     fmt = get_format("int4-g64")
-    cpu, bf16 = torch.device("cpu"), torch.bfloat16
-    big = (5632, 1024)  # a 2 GB bench gate_up: 2.9 MB of codes
-    assert fmt.kernel_layout(big, cpu, bf16) == kernels.can_repack_in_place()
-    assert not fmt.kernel_layout(big, cpu, torch.float32)  # fp32 activations: the dequantize path
-    assert not get_format("int3-g64").kernel_layout(big, cpu, bf16)
-    assert not fmt.kernel_layout((256, 192), cpu, bf16)  # small: rewritten at the first call instead
-    monkeypatch.setattr(GroupFormat, "LAND_MIN_BYTES", 0)
-    assert not get_format("int4-row").kernel_layout((256, 192), cpu, bf16)  # group 192: no kernel
     for shape in _default_shapes():
         q = _quantized("int4-g64", shape)
         before = q.parts["qweight"].clone()
-        x = torch.randn(3, shape[1]).to(bf16)
+        x = torch.randn(3, shape[1]).to(torch.bfloat16)
         expected, weight = fmt.linear(x, q), fmt.dequantize(q)
         assert torch.equal(q.parts["qweight"], before) and not q.native  # not a slot view: left alone
-        assert fmt.kernel_layout(shape, cpu, bf16) == kernels.can_repack_in_place()
-        landed = unpack(pack(q).clone(), "int4-g64", shape)
-        if kernels.can_repack_in_place():
-            fmt.to_kernel_layout(landed)
-        lazy = unpack(pack(q).clone(), "int4-g64", shape)
-        lazy.in_slot = True
-        for view in (landed, lazy):
-            for _ in range(2):
-                assert torch.equal(fmt.linear(x, view), expected)
-            assert view.native == kernels.can_repack_in_place()
-            assert torch.equal(fmt.dequantize(view), weight)
-            if view.native:
-                assert not torch.equal(view.parts["qweight"], before)
-                with pytest.raises(ValueError, match="repacked in place"):
-                    pack(view)
+        view = unpack(pack(q).clone(), "int4-g64", shape)
+        view.in_slot = True
+        for _ in range(2):
+            assert torch.equal(fmt.linear(x, view), expected)
+        assert view.native == kernels.can_repack_in_place()
+        assert torch.equal(fmt.dequantize(view), weight)
+        if view.native:
+            assert not torch.equal(view.parts["qweight"], before)
+            with pytest.raises(ValueError, match="repacked in place"):
+                pack(view)
 
 
 def test_linear_of_no_tokens_and_bad_input():
@@ -479,3 +467,23 @@ def test_cuda_linear_from_a_packed_buffer(name):
         assert (y.double() - ref).abs().max() <= bound
     q_gpu = fmt.quantize(_weight(shape).cuda())  # quantizing on the GPU gives a packable QTensor there
     assert pack(q_gpu).device.type == "cuda" and pack(q_gpu).numel() == fmt.nbytes(shape)
+
+
+def test_row_formats_hold_one_scale_and_zero_per_row():
+    """``int{b}-row``: one group per output row whatever the width (192 here, which no fixed group size of
+    32/64/128 both divides and fills), so fewer bytes than any fixed group of the same bits; a constant
+    row is exact."""
+    from moe_engine.quant.formats import ROW, GroupFormat
+
+    for bits in (4, 3, 2):
+        row, g64 = get_format(f"int{bits}-row"), get_format(f"int{bits}-g64")
+        for shape in _default_shapes():
+            q = _quantized(f"int{bits}-row", shape)
+            assert tuple(q.parts["scale_zero"].shape) == (1, -(-shape[0] // 32) * 32, 2)
+            assert row.nbytes(shape) < g64.nbytes(shape)
+    w = torch.full((32, 192), 0.25)
+    fmt = get_format("int3-row")
+    assert torch.equal(fmt.dequantize(fmt.quantize(w)), w)
+    with pytest.raises(ValueError, match="one group per row"):
+        GroupFormat(3, 96)
+    assert GroupFormat(3, ROW).name == "int3-row"

@@ -27,8 +27,11 @@ Glossary (L = MoE layers, E = experts per layer, F = candidate formats, T = cali
   stored model in KL on the validation text than uniform int3 (-4.3e-4 +- 1.6e-5 nats per token), yet
   its NLL is higher by 2.5e-4 +- 1.8e-4 nats (1.4 standard errors): uniform int3's errors happen to lower
   the NLL below their KL, a first-order effect per-layer measurements cannot resolve at 16k tokens. The
-  3-bit comparison sits at the resolution of the validation text. Group size 128 does not divide this
-  model's widths, so at 3 bits any departure from uniform needs int2 experts.
+  3-bit comparison sits at the resolution of the validation text. With groups of 32/64 only (128 does
+  not divide this model's widths) any departure from uniform int3-g64 at 3 bits needed int2 experts;
+  the ``-row`` formats (one group per output row, int3 at 3.19 bits per weight here) give the program
+  cheaper int3 for the experts the router rarely picks instead, and the bytes saved go to int4 for the
+  busy ones (see ``benchmarks/quant_quality.py`` and the README for the figures).
 * byte budget of "mean bits B" at group size G: the bytes of every expert stored uniformly in
   ``int{B}-g{G}`` (``int8`` for B = 8), interpolated linearly between the neighbouring integer widths for
   a fractional B (2.5 = halfway between uniform int2-g64 and int3-g64). Mean 3 bits therefore means

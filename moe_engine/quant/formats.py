@@ -9,7 +9,8 @@ Glossary:
   ``bf16 fp16 fp32``; ``int8`` (symmetric, one scale per output row); ``int4-gG``, ``int3-gG``,
   ``int2-gG`` for G in 32, 64, 128 (asymmetric groups of G input columns, scale + zero per group,
   fitted by ``moe_engine.quant.hqq``), and ``int4-row``, ``int3-row``, ``int2-row`` (one group per
-  output row, whatever the width: the fewest scale bytes, for experts the router rarely picks); ``fp8-e4m3`` (128 x 128 block scales, DeepSeek-V3's layout).
+  output row, whatever the width: the fewest scale bytes, for experts the router rarely picks);
+  ``fp8-e4m3`` (128 x 128 block scales, DeepSeek-V3's layout).
 - *matrix*: one expert weight ``[out, in]`` (transformers layout, ``y = x @ W.T``).
 - *part*: one tensor of a quantized matrix (``QTensor.parts``); ``layout(shape)`` lists them in
   packing order with dtype and shape.
@@ -74,10 +75,9 @@ class QTensor:
     shape: tuple[int, int]
     parts: dict[str, torch.Tensor]
     # A cache slot's views (``PackedLayout.views``), read by nothing else until the next copy into the
-    # slot makes new views: the int4 kernel may rewrite ``qweight`` in place, once, at its first call.
+    # slot makes new views: the int4 kernel may then rewrite ``qweight`` in place, once, into this torch
+    # build's int4pack layout (``native``) instead of converting it at every call.
     in_slot: bool = False
-    # ``qweight`` holds this torch build's int4pack layout, not the nibble layout (rewritten in place when
-    # the copy landed, ``GroupFormat.kernel_layout``, or at the first kernel call on a slot view).
     native: bool = False
 
     @property
@@ -178,15 +178,6 @@ class ExpertFormat(ABC):
         if x.device.type == "cpu":
             return _cpu_fp32_linear(x, self.dequantize(q, torch.float32))
         return F.linear(x, self.dequantize(q, x.dtype))
-
-    def kernel_layout(self, shape: tuple[int, int], device: torch.device | str, dtype: torch.dtype) -> bool:
-        """Whether a cache slot's copy of a ``shape`` matrix, computed with ``dtype`` activations on
-        ``device``, is rewritten into a kernel's own layout when it lands (``to_kernel_layout``)."""
-        return False
-
-    def to_kernel_layout(self, q: QTensor) -> None:
-        """Rewrite ``q`` (a slot's views) in place into the kernel's layout; sets ``q.native``."""
-        raise NotImplementedError(f"{self.name} has no kernel layout")
 
     def kernel(self, device: torch.device | str, dtype: torch.dtype, in_features: int = 8, tokens: int = 1) -> str:
         """Name of what ``linear`` runs for ``tokens`` rows of ``dtype`` activations on ``device``."""
@@ -436,7 +427,9 @@ class GroupFormat(ExpertFormat):
         if kp > k:
             x2 = F.pad(x2, (0, kp - k))
         if self.bits == 4 and q.in_slot and not q.native and kernels.can_repack_in_place():
-            self.to_kernel_layout(q)  # a small slot matrix: once per copy into the slot, not per call
+            weight = q.parts["qweight"].view(np_, kp // 2)
+            weight.copy_(kernels.repack_for_cpu(weight))  # once per copy into the slot, not per call
+            q.native = True
         g = self.group_of(kp)
         if q.native:
             y = kernels.int4_linear_cpu(x2.contiguous(), q.parts["qweight"].view(np_, kp // 2), g,
@@ -446,29 +439,6 @@ class GroupFormat(ExpertFormat):
         if np_ > n:
             y = y[:, :n]
         return y.reshape(*x.shape[:-1], n)
-
-    # Codes of a slot matrix from which its rewrite into the kernel layout runs on the I/O thread when the
-    # copy lands. Smaller ones are rewritten by the compute thread at their first kernel call: a rewrite
-    # is a dozen torch ops, and on a small matrix their Python overhead on a thread beside compute cost
-    # compute more in GIL handovers than it saved (default model, fast quality: 40 vs 50 tok/s). A
-    # 5632 x 1024 int4 matrix takes ~2 ms, nearly all inside torch kernels that release the GIL.
-    LAND_MIN_BYTES = 1 << 18
-
-    def kernel_layout(self, shape: tuple[int, int], device: torch.device | str, dtype: torch.dtype) -> bool:
-        """int4 with a kernel group size, bf16 on CPU, a build that packs 64-row blocks (AVX512), codes of
-        at least ``LAND_MIN_BYTES``: the slot is rewritten by byte shuffles on the I/O thread that read
-        it, once per copy, not through int32 codes at every call."""
-        np_, kp = self.padded(shape)
-        return (
-            self.bits == 4 and np_ * kp // 2 >= self.LAND_MIN_BYTES
-            and self._fast(torch.device(device), dtype, shape[1], 1) and kernels.can_repack_in_place()
-        )  # fmt: skip
-
-    def to_kernel_layout(self, q: QTensor) -> None:
-        np_, kp = self.padded(q.shape)
-        weight = q.parts["qweight"].view(np_, kp // 2)
-        weight.copy_(kernels.repack_for_cpu(weight))
-        q.native = True
 
     def kernel(self, device: torch.device | str, dtype: torch.dtype, in_features: int = 8, tokens: int = 1) -> str:
         if self._fast(torch.device(device), dtype, in_features, tokens):

@@ -14,7 +14,7 @@ Glossary:
   3x the matmul itself). ``int4pack_layout_matches()`` checks once per process that this torch build
   packs the same way. AVX512 builds pack 64-row blocks: there a cache slot's int4 weights are turned
   into that layout in place by byte shuffles, once per copy into the slot (``repack_for_cpu``,
-  ``unrepack_for_cpu``; ``formats.GroupFormat.kernel_layout``); other weights, and builds packing yet another
+  ``unrepack_for_cpu``; ``formats.QTensor.in_slot``); other weights, and builds packing yet another
   way, are converted per call (correct, slower).
 - *scale_zero*: ``[Kp / G, Np, 2]`` (scale, zero) per group and row, the kernel's ``qScaleAndZeros``;
   a weight is ``(code - 8) * scale + zero`` (torch's int4 convention, for every bit width here).

@@ -35,8 +35,6 @@ from moe_engine.runtime.policies import ExpertKey
 from moe_engine.runtime.residency import LOADING, Compute, Load, Predict, Residency
 from moe_engine.runtime.store import CheckpointError, ExpertLocation
 
-ComputeOn = tuple[torch.device, torch.dtype]  # where experts are computed, and their activations' dtype
-
 
 class DenseLayout:
     """A slot of a plain expert: ``gate_up [2I, H]`` then ``down [H, I]`` at the compute dtype."""
@@ -48,12 +46,9 @@ class DenseLayout:
     def nbytes(self, key: ExpertKey, variant: int = 0) -> int:
         return self.numel * self.dtype.itemsize
 
-    def views(self, buf: torch.Tensor, key: ExpertKey, variant: int = 0, landed: ComputeOn | None = None) -> tuple[Any, Any]:
+    def views(self, buf: torch.Tensor, key: ExpertKey, variant: int = 0) -> tuple[Any, Any]:
         i, h = self.intermediate, self.hidden
         return buf[: 2 * i * h].view(2 * i, h), buf[2 * i * h :].view(h, i)
-
-    def landing(self, key: ExpertKey, variant: int, compute: ComputeOn) -> Callable[[torch.Tensor], None] | None:
-        return None
 
 
 class PackedLayout:
@@ -77,40 +72,16 @@ class PackedLayout:
 
         return expert_slot_bytes(self.formats(key, variant), self.intermediate, self.hidden)
 
-    def views(self, buf: torch.Tensor, key: ExpertKey, variant: int = 0, landed: ComputeOn | None = None) -> tuple[Any, Any]:
-        """``landed``: the slot's copy went through ``landing(key, variant, landed)`` (cache slots); its
-        matrices then hold the kernel layout where their format rewrites it (``QTensor.native``)."""
-        from moe_engine.quant.formats import get_format, unpack
+    def views(self, buf: torch.Tensor, key: ExpertKey, variant: int = 0) -> tuple[Any, Any]:
+        from moe_engine.quant.formats import unpack
 
         fmt = self.formats(key, variant)
         i, h = self.intermediate, self.hidden
         (gu_off, gu_bytes), (dn_off, dn_bytes) = self._packing(fmt, i, h)
         gate_up = unpack(buf[gu_off : gu_off + gu_bytes], fmt, (2 * i, h))
         down = unpack(buf[dn_off : dn_off + dn_bytes], fmt, (h, i))
-        if landed is not None:
-            f = get_format(fmt)
-            for q in (gate_up, down):
-                q.in_slot = True  # only these views read the slot until the next copy into it
-                q.native = f.kernel_layout(q.shape, *landed)
+        gate_up.in_slot = down.in_slot = True  # only these views read the slot until the next copy into it
         return gate_up, down
-
-    def landing(self, key: ExpertKey, variant: int, compute: ComputeOn) -> Callable[[torch.Tensor], None] | None:
-        """What the copying thread runs on a slot after reading ``key``'s copy ``variant`` into it, for
-        ``compute = (device, dtype)``: the format's in-place rewrite into its kernel's layout (int4 on
-        AVX512 builds), so the compute thread never does it; None when nothing is rewritten."""
-        from moe_engine.quant.formats import get_format
-
-        f = get_format(self.formats(key, variant))
-        i, h = self.intermediate, self.hidden
-        if not (f.kernel_layout((2 * i, h), *compute) or f.kernel_layout((h, i), *compute)):
-            return None
-
-        def land(buf: torch.Tensor) -> None:
-            for q in self.views(buf, key, variant):
-                if f.kernel_layout(q.shape, *compute):
-                    f.to_kernel_layout(q)
-
-        return land
 
 
 class ExpertReadError(OSError):
@@ -133,7 +104,6 @@ class ExpertCache:
         locate_variant: Callable[[ExpertKey, int], ExpertLocation] | None = None,
     ) -> None:
         self.layout = layout if layout is not None else DenseLayout(intermediate, hidden, dtype)
-        self.compute_on: ComputeOn = (torch.device(device), dtype)  # what a slot's copy lands for
         dtype = self.layout.dtype
         self.slot_numel = self.layout.numel
         self.expert_bytes = self.slot_numel * dtype.itemsize
@@ -172,11 +142,11 @@ class ExpertCache:
         if cached is not None and cached[0] == key:  # unchanged since the last copy into the slot
             return cached[1]
         if not self.sized:
-            views = self.layout.views(self.slots[slot], key, landed=self.compute_on)
+            views = self.layout.views(self.slots[slot], key)
         else:
             buf = self.buffers[slot]
             assert buf is not None, f"slot {slot} of {key} has no buffer"
-            views = self.layout.views(buf, key, self.core.variant_of(key), landed=self.compute_on)
+            views = self.layout.views(buf, key, self.core.variant_of(key))
         self._views[slot] = (key, views)
         return views
 
@@ -227,7 +197,7 @@ class ExpertCache:
             loc = self.locate(load.key) if variant == 0 or self.locate_variant is None else self.locate_variant(load.key, variant)
             ticket = self.mover.submit(
                 loc, self._slot_tensor(load), load.slot, load.key, prefetch=load.prefetch,
-                after=None if prev is None else prev[1], land=self.layout.landing(load.key, variant, self.compute_on),
+                after=None if prev is None else prev[1],
             )  # fmt: skip
             self.tickets[load.slot] = (load.key, ticket)
 

@@ -41,7 +41,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import wait as wait_futures
 
 import torch
@@ -223,14 +223,11 @@ class CudaMover(Mover):
         key: ExpertKey,
         prefetch: bool = False,
         after: Ticket | None = None,
-        land: Callable[[torch.Tensor], None] | None = None,
     ) -> Ticket:
         if self.closed:
             raise MoverClosedError(
                 "moe-engine: this model's CUDA mover is closed; load the model again to use it"
             )
-        if land is not None:
-            raise ValueError("CudaMover: `land` is for CPU slots (the int4 kernel layout is the CPU kernel's)")
         if self.arena is not None:
             index = self._index.get(key)
             if index is None:

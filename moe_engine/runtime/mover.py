@@ -28,7 +28,6 @@ import queue
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from concurrent.futures import CancelledError, Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures import wait as wait_futures
@@ -67,12 +66,9 @@ class Mover(ABC):
         key: tuple[int, int],
         prefetch: bool = False,
         after: Ticket | None = None,
-        land: Callable[[torch.Tensor], None] | None = None,
     ) -> Ticket:
         """Start copying expert ``key`` into ``slot``; prefetch copies yield to demand copies; the copy
-        does not write before ``after`` (the slot's previous copy) has stopped. ``land`` (CPU slots
-        only): run on the slot by the copying thread after the read and before the ticket completes
-        (e.g. int4 weights turned into the build's kernel layout); its errors fail the ticket."""
+        does not write before ``after`` (the slot's previous copy) has stopped."""
 
     def release(self, slot_index: int) -> None:
         """Compute has finished enqueuing its reads of ``slot_index`` (CUDA orders the next copy after them)."""
@@ -85,15 +81,12 @@ class _Job:
     """One queued read (and, on CUDA, its copy). It may sit in the queue twice after a promotion; it runs
     at most once. Shared by ``ThreadMover`` and ``CudaMover``'s disk mode."""
 
-    __slots__ = ("loc", "slot", "slot_index", "after", "land", "future", "_state", "_lock")
+    __slots__ = ("loc", "slot", "slot_index", "after", "future", "_state", "_lock")
 
     QUEUED, RUNNING, CANCELLED = 0, 1, 2
 
-    def __init__(
-        self, loc: ExpertLocation, slot: torch.Tensor, after: Ticket | None, slot_index: int = -1,
-        land: Callable[[torch.Tensor], None] | None = None,
-    ) -> None:  # fmt: skip
-        self.loc, self.slot, self.slot_index, self.after, self.land = loc, slot, slot_index, after, land
+    def __init__(self, loc: ExpertLocation, slot: torch.Tensor, after: Ticket | None, slot_index: int = -1) -> None:
+        self.loc, self.slot, self.slot_index, self.after = loc, slot, slot_index, after
         self.future: Future = Future()
         self._state = _Job.QUEUED
         self._lock = threading.RLock()
@@ -121,7 +114,7 @@ class _Job:
         return self._state != _Job.QUEUED
 
     def drop(self) -> None:
-        self.loc = self.slot = self.after = self.land = None  # type: ignore[assignment]  # free the slot view
+        self.loc = self.slot = self.after = None  # type: ignore[assignment]  # free the slot view
 
 
 def wait_job(fut: Future, mover) -> Any:
@@ -217,13 +210,12 @@ class ThreadMover(Mover):
         key: tuple[int, int],
         prefetch: bool = False,
         after: Ticket | None = None,
-        land: Callable[[torch.Tensor], None] | None = None,
     ) -> Ticket:
         if self.closed:
             raise MoverClosedError("moe-engine: this model was closed; load it again to use it")
         if after is not None and after.cancel():
             after = None  # the slot's previous copy will never write: no need to wait for it
-        job = _Job(loc, slot, after, land=land)
+        job = _Job(loc, slot, after)
         self._put(JobQueue.PREFETCH if prefetch else JobQueue.DEMAND, job)
         return _JobTicket(job, self)
 
@@ -248,8 +240,6 @@ def _worker(q: queue.PriorityQueue, store: CheckpointStore) -> None:
                 if after is not None and isinstance(after, _JobTicket):
                     wait_futures([after.job.future])  # it is running (it could not be cancelled): let it stop
                 store.read_expert_into(job.loc, job.slot)
-                if job.land is not None:
-                    job.land(job.slot)
             except BaseException as exc:  # delivered to the waiting compute thread
                 job.future.set_exception(exc)
             else:
