@@ -1,6 +1,6 @@
 """Quality of quantized experts: perplexity against expert bytes per token on the default model.
 
-For each system (the stored precision, uniform int8 / int4-g64 / int4-g128 / int3-g64 / int2-g64, and
+For each system (the stored precision, uniform int8 / int4-g64 / int4-g128 / int3-g64 / int3-row / int2-g64, and
 the integer-programmed allocation (ILP) against the best uniform allocation at the same bytes, at mean 3
 and 2.5 bits) this writes the quantized checkpoint with ``moe_engine.quant.checkpoint`` (the code behind
 ``moe-engine quantize``), reads every expert back, loads its dequantized weights into the stock
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         systems: list[tuple[str, list[list[str]], dict[str, Any]]] = [
             (f"stored ({stored_fmt})", uniform_formats(src, stored_fmt), {}),
         ]
-        for fmt in ("int8", "int4-g64", "int4-g128", "int3-g64", "int2-g64"):
+        for fmt in ("int8", "int4-g64", "int4-g128", "int3-g64", "int3-row", "int2-g64"):
             systems.append((fmt, uniform_formats(src, fmt), {}))
         wanted = {s.strip() for s in args.systems.split(",") if s.strip()}
         need_ilp = not wanted or any(w.startswith(("ilp", "uniform@")) for w in wanted)

@@ -171,6 +171,27 @@ def test_models_health_metrics(server):
     assert 'moe_serve_http_requests_total{path="/v1/completions",status="200"}' in text
 
 
+def test_a_browser_page_on_another_origin_may_call_the_api(server):
+    """What a browser's ``fetch`` from a page on another origin needs (CORS): the allow-origin header on
+    answers, and a preflight for a JSON POST answered before any route sees it."""
+    origin = "http://localhost:3000"
+    for path in ("/v1/models", "/metrics"):
+        r = httpx.get(server.url + path, headers={"Origin": origin})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "*", path
+    pre = httpx.options(server.url + "/v1/chat/completions", headers={
+        "Origin": origin, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"})
+    assert pre.status_code == 200 and "POST" in pre.headers["access-control-allow-methods"]
+    assert "content-type" in pre.headers["access-control-allow-headers"].lower()
+
+
+def test_cross_origin_calls_can_be_turned_off(model_and_tok):
+    model, tok = model_and_tok
+    built = build(model=model, tokenizer=tok, served_model_name=MODEL_ID, allowed_origins=())
+    with ServerThread(built) as srv:
+        r = httpx.get(srv.url + "/v1/models", headers={"Origin": "http://localhost:3000"})
+        assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+
+
 @pytest.mark.parametrize(
     "body, status, param, code",
     [

@@ -55,6 +55,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="compute dtype, e.g. float32 or bfloat16 (default: the checkpoint's)")
     p.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
+    p.add_argument("--allowed-origins", default="*",
+                   help="comma-separated web origins whose pages may call the API from a browser (CORS), "
+                        "e.g. http://localhost:3000; '*' any (default), '' none")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -77,5 +80,5 @@ def run(args: argparse.Namespace) -> int:
         served_model_name=args.served_model_name, max_seqs=args.max_seqs, max_queue=args.max_queue,
         step_seqs=args.step_seqs, prefill_chunk=args.prefill_chunk, schedule=args.schedule,
         max_wait=args.max_wait, max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
-        timeout=args.timeout,
+        timeout=args.timeout, allowed_origins=[o.strip() for o in args.allowed_origins.split(",") if o.strip()],
     )  # fmt: skip

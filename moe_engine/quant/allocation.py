@@ -22,7 +22,7 @@ Glossary (L = MoE layers, E = experts per layer, F = candidate formats, T = cali
 * tried and not shipped (issue 12): rescaling each layer's costs, per format, to a *measured* loss (the
   KL from the stored model's next-token distribution, or the NLL increase, of that layer quantized alone
   or at the operating point of uniform bits) before the integer program. On the default model at mean 3
-  bits it gave +0.171 % to +0.280 % validation perplexity (this cost model: +0.184 %; uniform int3-g64:
+  bits it gave +0.171 % to +0.280 % validation perplexity (this cost model with groups of 32/64 only: +0.184 %; uniform int3-g64:
   +0.162 %) and +0.52-0.54 % at 2.5 bits (this: +0.482 %). Every ILP allocation is ~18 % closer to the
   stored model in KL on the validation text than uniform int3 (-4.3e-4 +- 1.6e-5 nats per token), yet
   its NLL is higher by 2.5e-4 +- 1.8e-4 nats (1.4 standard errors): uniform int3's errors happen to lower

@@ -2,7 +2,8 @@
 
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (``"stream": true`` answers with
 server-sent events ``data: {...}`` ending with ``data: [DONE]``), ``GET /v1/models``, ``GET /health``,
-``GET /metrics`` (Prometheus text format).
+``GET /metrics`` (Prometheus text format). Browsers may call them from other origins (CORS,
+``allowed_origins``).
 
 Errors follow OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``: 400 for bad JSON,
 invalid or unsupported parameters and prompts over the limits (``code: "context_length_exceeded"``),
@@ -30,11 +31,12 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -326,8 +328,10 @@ class _CountRequests:
             self.service.count(scope["path"], status)
 
 
-def create_app(service: Service, *, lifespan=None) -> FastAPI:
-    """The FastAPI app over ``service`` (``lifespan``: an async context manager run around serving)."""
+def create_app(service: Service, *, lifespan=None, allowed_origins: Sequence[str] = ("*",)) -> FastAPI:
+    """The FastAPI app over ``service`` (``lifespan``: an async context manager run around serving).
+    ``allowed_origins``: web origins whose pages may call the API from a browser (CORS, Starlette's
+    middleware; ``"*"``: any, as llama.cpp's and vLLM's servers default to; empty: same origin only)."""
     app = FastAPI(title="moe-engine", lifespan=lifespan)
     app.state.service = service
 
@@ -342,6 +346,9 @@ def create_app(service: Service, *, lifespan=None) -> FastAPI:
         return JSONResponse(err.body(), status_code=exc.status_code)
 
     app.add_middleware(_CountRequests, service=service)
+    if allowed_origins:  # added last: the outermost layer, so it answers preflight OPTIONS requests itself
+        app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["*"])  # fmt: skip
 
     async def _run(request: Request, chat: bool) -> Response:
         body = await _body(request)

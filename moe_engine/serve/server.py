@@ -21,6 +21,7 @@ import contextlib
 import os
 import socket
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,12 +64,14 @@ def build(
     max_prompt_tokens: int | None = None,
     max_new_tokens: int = 256,
     timeout: float | None = 600.0,
+    allowed_origins: Sequence[str] = ("*",),
 ) -> Built:
     """Load the model (unless ``model`` is given, a ``moe_engine.from_pretrained`` model) and wire the app.
 
     ``model_path`` None: the embedded default model. ``budget``/``policy``/``predictor``/``device``/``dtype``/
     ``threads`` go to ``from_pretrained`` (``predictor`` "none": no prefetch); ``schedule`` is the step scheduler (``"expert_aware"`` or ``"fcfs"``);
-    ``step_seqs`` caps sequences per decode step (default ``max_seqs``).
+    ``step_seqs`` caps sequences per decode step (default ``max_seqs``); ``allowed_origins``: web origins
+    allowed to call the API from a browser (CORS; ``("*",)`` any, empty: none).
     """
     from transformers import AutoTokenizer
 
@@ -132,7 +135,7 @@ def build(
             if owns:
                 model.close()
 
-    return Built(create_app(service, lifespan=lifespan), service, batcher, model, owns)
+    return Built(create_app(service, lifespan=lifespan, allowed_origins=allowed_origins), service, batcher, model, owns)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -216,7 +219,7 @@ def serve(
     """Serve ``model`` (a checkpoint directory or Hub ID; None: the embedded default model) over the
     OpenAI API until SIGTERM/SIGINT; drains requests in flight, then returns 0. ``options`` are
     ``build``'s (budget, policy, predictor, device, dtype, threads, served_model_name, max_seqs, max_queue, step_seqs,
-    prefill_chunk, schedule, max_wait, max_prompt_tokens, max_new_tokens, timeout)."""
+    prefill_chunk, schedule, max_wait, max_prompt_tokens, max_new_tokens, timeout, allowed_origins)."""
     import uvicorn
 
     built = build(model, **options)
