@@ -172,6 +172,70 @@ def test_keyboard_interrupt_between_any_two_statements(tiny_checkpoint, variant)
     assert interrupted >= SEEDS // 2  # most runs really were interrupted
 
 
+class _InterruptAtWithLine(_InterruptAtLine):
+    """Counts only line events at the engine's locking ``with`` line (Python 3.11 reports one at its entry
+    and one at its exit, before ``__exit__`` runs) and interrupts at the ``at``-th, as a SIGINT would."""
+
+    def __init__(self, at: int | None, file: str, line: int) -> None:
+        super().__init__(at)
+        self.file, self.line = file, line
+
+    def _local(self, frame, event, arg):
+        if event == "line" and frame.f_lineno == self.line and frame.f_code.co_filename == self.file:
+            return super()._local(frame, event, arg)
+        return self._local
+
+
+def _free_for_another_thread(lock) -> bool:
+    got: list[bool] = []
+
+    def take() -> None:
+        if lock.acquire(timeout=5):
+            lock.release()
+            got.append(True)
+
+    t = threading.Thread(target=take)
+    t.start()
+    t.join()
+    return bool(got)
+
+
+def test_an_interrupt_at_the_lock_never_leaves_it_held_for_other_threads(tiny_checkpoint):
+    """Ctrl-C landing at the entry or exit line of the engine's per-layer lock, at every such moment of a
+    call: afterwards another thread can take the lock, Ctrl-C is Python's again, and the model answers
+    exactly (the exit-line event comes before ``__exit__``; a plain ``with lock:`` leaked the lock there)."""
+    import moe_engine.runtime.engine as engine_module
+    from moe_engine.runtime import interrupts
+
+    path = tiny_checkpoint("qwen3_moe")
+    want = _stock_tokens(path)
+    model = _models(path, "qwen3_moe")[0]
+    file = engine_module.__file__
+    line = next(i + 1 for i, text in enumerate(Path(file).read_text().splitlines())
+                if text.strip() == "with deferred_interrupts(), self.lock, interruptible():")  # fmt: skip
+    counter = _InterruptAtWithLine(None, file, line)
+    _traced(model, counter)
+    assert counter.count >= 8  # entry and exit of each MoE layer call
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        interrupted = 0
+        for at in range(1, counter.count + 1):
+            tracer = _InterruptAtWithLine(at, file, line)
+            try:
+                got = _traced(model, tracer)
+            except KeyboardInterrupt:
+                interrupted += 1
+            else:
+                assert torch.equal(got, want), f"wrong tokens after an interrupt at lock event {at}"
+            assert _free_for_another_thread(model.engine.lock), f"lock left held at lock event {at}"
+            assert not interrupts.deferring() and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+            assert torch.equal(_generate(model), want)
+        assert interrupted == counter.count
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        model.close()
+
+
 def test_real_sigint_at_random_moments(tiny_checkpoint):
     path = tiny_checkpoint("qwen3_moe")
     want = _stock_tokens(path)
@@ -205,3 +269,41 @@ def test_real_sigint_at_random_moments(tiny_checkpoint):
     model.close()
     signal.signal(signal.SIGINT, previous)
     assert interrupted > 0
+
+
+def test_interruptible_inside_a_deferred_block():
+    """``deferred_interrupts`` holds a real SIGINT back to its end; ``interruptible`` inside it lets one
+    act at once, delivers one held back before it on entry, and holds them back again after it."""
+    from moe_engine.runtime.interrupts import deferred_interrupts, deferring, interruptible
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        steps: list[str] = []
+        with pytest.raises(KeyboardInterrupt):
+            with deferred_interrupts():
+                signal.raise_signal(signal.SIGINT)
+                steps.append("held")
+                with interruptible():  # the held one is raised here
+                    steps.append("not reached")
+        assert steps == ["held"] and not deferring()
+        with pytest.raises(KeyboardInterrupt):
+            with deferred_interrupts():
+                with interruptible():
+                    assert not deferring()
+                    with deferred_interrupts():  # bookkeeping inside stays protected
+                        signal.raise_signal(signal.SIGINT)
+                        steps.append("inner held")
+                    steps.append("not reached")
+        assert steps == ["held", "inner held"]
+        with pytest.raises(KeyboardInterrupt):
+            with deferred_interrupts():
+                with interruptible():
+                    pass
+                assert deferring()
+                signal.raise_signal(signal.SIGINT)
+                steps.append("held again")
+        assert steps[-1] == "held again" and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        with interruptible():  # outside any deferred block: nothing changes
+            assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)

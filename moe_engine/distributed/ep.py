@@ -72,6 +72,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from moe_engine.runtime.interrupts import deferred_interrupts, interruptible
 from moe_engine.runtime.kernels import ExpertsKernel, _EagerPlan, _GroupedPlan
 
 MODES = ("standard", "coherent")
@@ -408,7 +409,7 @@ class ExpertParallel:
     def experts_forward(self, layer: int, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                         top_k_weights: torch.Tensor, kernel: ExpertsKernel, num_experts: int) -> torch.Tensor:  # fmt: skip
         """Same contract as ``Engine.experts_forward``, computed across the group (every rank calls it)."""
-        with self.lock, torch.no_grad():
+        with deferred_interrupts(), self.lock, interruptible(), torch.no_grad():  # see Engine's _serialized
             return self._forward(layer, hidden_states, top_k_index, top_k_weights, kernel, num_experts)
 
     def _forward(self, layer, hidden_states, top_k_index, top_k_weights, kernel, num_experts) -> torch.Tensor:

@@ -38,7 +38,7 @@ from torch import nn
 
 from moe_engine.runtime.cache import ExpertCache
 from moe_engine.runtime.config import EngineConfig
-from moe_engine.runtime.interrupts import deferred_interrupts
+from moe_engine.runtime.interrupts import deferred_interrupts, interruptible
 from moe_engine.runtime.kernels import ExpertsKernel, make_kernel
 from moe_engine.runtime.mover import Mover
 from moe_engine.runtime.policies import ExpertKey
@@ -86,7 +86,9 @@ def _serialized(method):
 
     @functools.wraps(method)
     def wrapper(self: Engine, *args, **kwargs):
-        with self.lock:
+        # Ctrl-C held back while the lock is taken and given back, acting at once in between
+        # (``interruptible``): an interrupt can never leave the lock held for other threads.
+        with deferred_interrupts(), self.lock, interruptible():
             if self.closed:
                 raise ModelClosedError(
                     "this moe-engine model was closed (close() or the end of its `with` block); "
@@ -154,7 +156,7 @@ class Engine:
 
     def stats(self) -> EngineStats:
         """A snapshot of the counters (the residency core owns them; the guardrail adds its own)."""
-        with self.lock:
+        with deferred_interrupts(), self.lock:
             st = self.core.stats()
             if self.guardrail is not None:
                 st.guardrail_checks = self.guardrail.checks
@@ -164,14 +166,14 @@ class Engine:
 
     def reset_stats(self) -> None:
         """Zero the counters (residency is kept; peak resident bytes restarts from the current residency)."""
-        with self.lock:
+        with deferred_interrupts(), self.lock:
             self.core.reset_stats()
 
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:
         """Stop copies and I/O threads, close the checkpoint files and free the slots. Idempotent;
         afterwards any forward pass raises ``ModelClosedError``."""
-        with self.lock:
+        with deferred_interrupts(), self.lock:
             if self.closed:
                 return
             self.closed = True
@@ -187,7 +189,7 @@ class Engine:
         which experts are hot, and a prefill needs every layer's. Counters are reset afterwards (the
         reads are load time, not a forward pass's). Returns how many experts were read
         (``moe_engine.runtime.residency.preload_order``; the simulator's ``SimConfig(preload=True)``)."""
-        with self.lock:
+        with deferred_interrupts(), self.lock, interruptible():
             if self.closed:
                 raise ModelClosedError("this model was closed; load it again with moe_engine.from_pretrained")
             keys = preload_order([info.num_experts for info in self.layers])
