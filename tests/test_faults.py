@@ -167,6 +167,7 @@ def test_keyboard_interrupt_between_any_two_statements(tiny_checkpoint, variant)
                 interrupted += 1
             else:
                 assert torch.equal(got, want), f"seed {seed}: wrong tokens after an interrupt at line {tracer.at}"
+            assert _free_for_another_thread(model.engine.lock), f"seed {seed}: lock held after line {tracer.at}"
             assert torch.equal(_generate(model), want), f"seed {seed}: wrong tokens after an interrupt at line {tracer.at}"
         model.close()
     assert interrupted >= SEEDS // 2  # most runs really were interrupted

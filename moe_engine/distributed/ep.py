@@ -370,7 +370,7 @@ class ExpertParallel:
             raise RuntimeError(f"rank {self.rank} was routed experts {sorted(foreign)} of MoE layer {layer}, which the plan "
                                "does not place on it")  # fmt: skip
         engine = self.engine
-        with engine.lock:
+        with deferred_interrupts(), engine.lock, interruptible():  # see Engine's _serialized
             if engine.closed:
                 from moe_engine.runtime.engine import ModelClosedError
 

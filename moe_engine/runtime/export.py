@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from moe_engine.runtime.engine import Engine, ModelClosedError, OffloadedExperts
+from moe_engine.runtime.interrupts import deferred_interrupts, interruptible
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}  # fmt: skip
@@ -144,7 +145,7 @@ class OffloadedStateDict(Mapping):
             )
         last = self._last
         if last is None or last[0] != module.moe_index:
-            with self._engine.lock:
+            with deferred_interrupts(), self._engine.lock, interruptible():  # see Engine's _serialized
                 layer = read_layer_experts(self._engine, module, self._dtype)
             last = self._last = (module.moe_index, layer)
         return last[1][part]
@@ -231,7 +232,8 @@ def save_checkpoint(model: Any, save_directory: str | os.PathLike, max_shard_siz
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
     try:
-        with model.engine.lock:  # no forward pass reads the store meanwhile; raises nothing if closed
+        # no forward pass reads the store meanwhile; raises nothing if closed (locking: Engine's _serialized)
+        with deferred_interrupts(), model.engine.lock, interruptible():
             if model.engine.closed:
                 from moe_engine.runtime.engine import ModelClosedError
 

@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from moe_engine.runtime.interrupts import deferred_interrupts
 from moe_engine.runtime.store import CheckpointStore, ExpertLocation
 
 
@@ -93,15 +94,17 @@ class _Job:
 
     def claim(self) -> bool:
         """A worker takes the job: True once, if it was neither taken nor cancelled."""
-        with self._lock:
+        with deferred_interrupts(), self._lock:
             if self._state != _Job.QUEUED:
                 return False
             self._state = _Job.RUNNING
             return True
 
     def cancel(self) -> bool:
-        """Withdraw a queued job: True when it will never run (cancelled now or before)."""
-        with self._lock:
+        """Withdraw a queued job: True when it will never run (cancelled now or before). Ctrl-C is held
+        back around the lock (the compute thread calls this): one landing on the block's exit line would
+        leave it held, and the I/O thread's ``claim`` waiting forever."""
+        with deferred_interrupts(), self._lock:
             if self._state == _Job.QUEUED:
                 self._state = _Job.CANCELLED
                 self.future.cancel()

@@ -63,6 +63,7 @@ from typing import Any
 
 import torch
 
+from moe_engine.runtime.interrupts import deferred_interrupts
 from moe_engine.serve.scheduler import SCHEDULERS, SeqView, TokenRoutes, choose, next_lag
 
 
@@ -353,7 +354,7 @@ class Batcher:
         core = getattr(engine, "core", None)
         if core is None:
             return frozenset()
-        with engine.lock:
+        with deferred_interrupts(), engine.lock:
             return frozenset(core.entries)
 
     def _decode_step(self) -> None:
