@@ -84,7 +84,7 @@ def test_uniform_int4_equals_stock_on_dequantized_experts(arch, tiny_checkpoint,
 def test_mixed_formats_entries_of_several_sizes_under_one_budget(tiny_checkpoint, tmp_path):
     src = tiny_checkpoint("qwen2_moe")
     out = tmp_path / "q"
-    choices = ("int8", "int4-g32", "int2-g32", "fp32")
+    choices = ("int8", "int4-g32", "int2-g32", "fp32", "int3-row", "int4-row")
     _quantize(src, out, lambda layer, e: choices[(layer + e) % len(choices)])
     ref = _reference(src, out)
     ids = _ids()
