@@ -150,6 +150,21 @@ def _traced(model, tracer):
         sys.settrace(None)
 
 
+def _call_interrupted(model, tracer, want, where: str) -> bool:
+    """One traced call: it returns exactly ``want`` or raises KeyboardInterrupt (then True); afterwards
+    another thread can take the engine's lock and the next call returns exactly ``want``."""
+    try:
+        got = _traced(model, tracer)
+    except KeyboardInterrupt:
+        interrupted = True
+    else:
+        interrupted = False
+        assert torch.equal(got, want), f"{where}: wrong tokens after the interrupt"
+    assert _free_for_another_thread(model.engine.lock), f"{where}: the engine's lock was left held"
+    assert torch.equal(_generate(model), want), f"{where}: wrong tokens on the call after the interrupt"
+    return interrupted
+
+
 @pytest.mark.parametrize("variant", ARCHITECTURES)
 def test_keyboard_interrupt_between_any_two_statements(tiny_checkpoint, variant):
     path = tiny_checkpoint(variant)
@@ -161,14 +176,7 @@ def test_keyboard_interrupt_between_any_two_statements(tiny_checkpoint, variant)
         rng = random.Random(1000 * i + 17)
         for seed in range(SEEDS // 2):
             tracer = _InterruptAtLine(rng.randrange(1, counter.count + 1))
-            try:
-                got = _traced(model, tracer)
-            except KeyboardInterrupt:
-                interrupted += 1
-            else:
-                assert torch.equal(got, want), f"seed {seed}: wrong tokens after an interrupt at line {tracer.at}"
-            assert _free_for_another_thread(model.engine.lock), f"seed {seed}: lock held after line {tracer.at}"
-            assert torch.equal(_generate(model), want), f"seed {seed}: wrong tokens after an interrupt at line {tracer.at}"
+            interrupted += _call_interrupted(model, tracer, want, f"seed {seed}, line event {tracer.at}")
         model.close()
     assert interrupted >= SEEDS // 2  # most runs really were interrupted
 
@@ -221,16 +229,8 @@ def test_an_interrupt_at_the_lock_never_leaves_it_held_for_other_threads(tiny_ch
     try:
         interrupted = 0
         for at in range(1, counter.count + 1):
-            tracer = _InterruptAtWithLine(at, file, line)
-            try:
-                got = _traced(model, tracer)
-            except KeyboardInterrupt:
-                interrupted += 1
-            else:
-                assert torch.equal(got, want), f"wrong tokens after an interrupt at lock event {at}"
-            assert _free_for_another_thread(model.engine.lock), f"lock left held at lock event {at}"
+            interrupted += _call_interrupted(model, _InterruptAtWithLine(at, file, line), want, f"lock event {at}")
             assert not interrupts.deferring() and signal.getsignal(signal.SIGINT) is signal.default_int_handler
-            assert torch.equal(_generate(model), want)
         assert interrupted == counter.count
     finally:
         signal.signal(signal.SIGINT, previous)
