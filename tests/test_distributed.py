@@ -86,12 +86,15 @@ def _worker(rank: int, world: int, port: int, jobs: list[Job], out_dir: str) -> 
             continue
         model = moe_engine.from_pretrained(job.path, budget=job.budget, predictor=None, device="cpu",
                                            dtype=torch.float32, plan=job.plan, ep_mode=job.mode)  # fmt: skip
+        preloaded = sorted(model.engine.core.entries)  # the cold start: this rank's own experts only
+        owned = model.expert_parallel.owned_experts()
         ep = attach(model, plan=job.plan, mode=job.mode, regroup=True) if job.regroup else model.expert_parallel
         ep.record()
         got = decode_trace(model, steps=STEPS)
         group = ep.gather_stats()
         if rank == 0:
-            torch.save({"trace": got.__dict__, "group": group.to_json(), "routing": ep.recorded}, Path(out_dir, f"{i}.pt"))
+            torch.save({"trace": got.__dict__, "group": group.to_json(), "routing": ep.recorded,
+                        "preloaded": preloaded, "owned": owned}, Path(out_dir, f"{i}.pt"))  # fmt: skip
         model.close()
     dist.destroy_process_group()
 
@@ -121,6 +124,9 @@ def _check_jobs(jobs: list[Job], out_dir: Path, world: int) -> None:
             refs[job.path] = _single_process(job.path)
         got = type(refs[job.path])(**saved["trace"])
         assert_same_trace(got, refs[job.path], what=f"{job.name} ({world} ranks)")
+        owned = saved["owned"]  # rank 0's experts per layer
+        assert saved["preloaded"] and all(e in owned[layer] for layer, e in saved["preloaded"]), job.name
+        assert {layer for layer, _ in saved["preloaded"]} == set(range(len(owned))), job.name  # every layer a share
         ranks = saved["group"]["ranks"]
         per_forward = 1 if job.mode == "coherent" else 2
         for s in ranks:  # every rank made exactly this many all-to-alls at every MoE layer

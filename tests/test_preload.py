@@ -186,3 +186,12 @@ def test_read_path_benchmark_reads_the_same_bytes_both_ways(tmp_path):
     direct, buffered = result["rounds"]["direct"][0], result["rounds"]["buffered"][0]
     assert direct["bytes_per_read"] == buffered["bytes_per_read"] > 0
     assert direct["wall_ms"] > 0 and buffered["wall_ms"] > 0
+
+
+def test_preload_order_takes_layers_in_turn_within_what_a_rank_owns():
+    from moe_engine.runtime.residency import preload_order
+
+    assert preload_order([3, 2]) == [(0, 0), (1, 0), (0, 1), (1, 1), (0, 2)]
+    # expert parallelism: only this rank's copies, still one layer after another
+    assert preload_order([4, 4], owned=[[3, 1], [2]]) == [(0, 1), (1, 2), (0, 3)]
+    assert preload_order([4, 4], owned=[[], []]) == []

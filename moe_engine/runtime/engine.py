@@ -182,17 +182,18 @@ class Engine:
             self.cache.tickets.clear()
 
     # ------------------------------------------------------------------ cold start
-    def preload(self, progress: bool = False) -> int:
+    def preload(self, progress: bool = False, owned: list[list[int]] | None = None) -> int:
         """Fill the fast tier's free room with experts now, so the first forward passes do not start
         from an empty cache (stock offloading fills its memory at load too). Layers take turns, experts
         in index order, so each MoE layer gets the same share: with no routing seen yet nothing says
         which experts are hot, and a prefill needs every layer's. Counters are reset afterwards (the
-        reads are load time, not a forward pass's). Returns how many experts were read
+        reads are load time, not a forward pass's). ``owned``: per MoE layer, the only experts to read
+        (expert parallelism: this rank's). Returns how many experts were read
         (``moe_engine.runtime.residency.preload_order``; the simulator's ``SimConfig(preload=True)``)."""
         with deferred_interrupts(), self.lock, interruptible():
             if self.closed:
                 raise ModelClosedError("this model was closed; load it again with moe_engine.from_pretrained")
-            keys = preload_order([info.num_experts for info in self.layers])
+            keys = preload_order([info.num_experts for info in self.layers], owned)
             with deferred_interrupts():
                 loads = self.core.preload(keys)
                 for load in loads:

@@ -369,7 +369,8 @@ def from_pretrained(
             (``moe_engine.runtime.engine``).
         preload: fill the budget with experts while loading (each MoE layer an equal share; what stock
             offloading does too), so the first request does not start from an empty cache; costs
-            budget / read rate of load time. Off: the cache starts empty. (Not with expert parallelism.)
+            budget / read rate of load time. Off: the cache starts empty. With expert parallelism each
+            rank reads only the experts its plan places on it.
         threads: torch intra-op threads (a process-wide setting); default: half the physical cores
             (``moe_engine.runtime.threads``: torch's default of one per core slows a shared machine badly).
         quality: which stored copy of an expert a load brings (``moe_engine.runtime.quality``):
@@ -602,7 +603,9 @@ def from_pretrained(
         if ep_plan is not None or _process_group_size() > 1:
             from moe_engine.distributed import attach
 
-            attach(model, plan=ep_plan, mode=ep_mode)
+            ep = attach(model, plan=ep_plan, mode=ep_mode)
+            if preload:  # each rank fills its cache with its own experts only
+                engine.preload(progress=progress, owned=ep.owned_experts())
         elif preload:
             engine.preload(progress=progress)
         return model

@@ -691,11 +691,14 @@ class Residency:
         self.predict_seconds = 0.0
 
 
-def preload_order(experts_per_layer: Sequence[int]) -> list[ExpertKey]:
+def preload_order(experts_per_layer: Sequence[int], owned: Sequence[Sequence[int]] | None = None) -> list[ExpertKey]:
     """The keys a cold start fills the fast tier with (``Residency.preload``), best first: layers take
-    turns, experts in index order, so each layer gets the same share (no routing is known yet)."""
-    most = max(experts_per_layer, default=0)
-    return [(layer, e) for e in range(most) for layer, n in enumerate(experts_per_layer) if e < n]
+    turns, experts in index order, so each layer gets the same share (no routing is known yet).
+    ``owned``: per layer, the only experts this process computes (expert parallelism: its rank's
+    copies); default every expert."""
+    lists = [range(n) if owned is None else sorted(owned[layer]) for layer, n in enumerate(experts_per_layer)]
+    most = max((len(experts) for experts in lists), default=0)
+    return [(layer, experts[i]) for i in range(most) for layer, experts in enumerate(lists) if i < len(experts)]
 
 
 # ---------------------------------------------------------------------- predictions, shared by both drivers
