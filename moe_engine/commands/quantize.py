@@ -109,12 +109,10 @@ def run(args: argparse.Namespace) -> int:
     if not out.parent.is_dir():
         raise UserError(f"--out {out}: its folder {out.parent} does not exist")
     groups = sorted({int(f.rsplit("-g", 1)[1]) for f in available_formats() if f.startswith("int4-g")})
-    if str(args.group_size) == "row":
-        args.group_size = "row"
-    elif str(args.group_size).isdigit() and int(args.group_size) in groups:
-        args.group_size = int(args.group_size)
-    else:
-        raise UserError(f"unsupported --group-size {args.group_size}; choose one of {', '.join(map(str, groups))} or row")
+    size = str(args.group_size)
+    if size != "row" and not (size.isdigit() and int(size) in groups):
+        raise UserError(f"unsupported --group-size {size}; choose one of {', '.join(map(str, groups))} or row")
+    args.group_size = size if size == "row" else int(size)
     if args.allocation == "uniform":
         if args.bits is None:
             raise UserError("give --bits 8, 4, 3 or 2 (or --allocation ilp with --mean-bits and --calibration)")

@@ -296,10 +296,11 @@ class GroupFormat(ExpertFormat):
             )
         self.bits, self.group = bits, group
         self.name = f"int{bits}-row" if group == ROW else f"int{bits}-g{group}"
+        self._k_multiple = group or 2  # input widths are padded to this (``-row``: bytes hold 2 codes)
 
     def padded(self, shape: tuple[int, int]) -> tuple[int, int]:
         n, k = _check_shape(tuple(shape))
-        return _ceil_to(n, kernels.BLOCK_N), _ceil_to(k, self.group or 2)
+        return _ceil_to(n, kernels.BLOCK_N), _ceil_to(k, self._k_multiple)
 
     def group_of(self, kp: int) -> int:
         """Columns per group of a matrix whose padded input width is ``kp`` (``kp`` itself for ``-row``)."""
@@ -308,7 +309,7 @@ class GroupFormat(ExpertFormat):
     def divides(self, in_features: int) -> bool:
         """Whether a matrix of ``in_features`` columns needs no padded columns (``-row`` formats: always,
         up to one column for an odd width)."""
-        return in_features % (self.group or 2) == 0
+        return in_features % self._k_multiple == 0
 
     def layout(self, shape: tuple[int, int]) -> Layout:
         np_, kp = self.padded(shape)
@@ -411,7 +412,7 @@ class GroupFormat(ExpertFormat):
     KERNEL_MAX_TOKENS = 256
 
     def _fast(self, device: torch.device, dtype: torch.dtype, in_features: int, tokens: int) -> bool:
-        kp = _ceil_to(in_features, self.group or 2)
+        kp = _ceil_to(in_features, self._k_multiple)
         return (
             device.type == "cpu" and dtype == torch.bfloat16 and 0 < tokens <= self.KERNEL_MAX_TOKENS
             and self.group_of(kp) in KERNEL_GROUPS and kernels.has_int4_cpu_kernel()

@@ -93,8 +93,9 @@ class _Job:
         self._lock = threading.RLock()
 
     def claim(self) -> bool:
-        """A worker takes the job: True once, if it was neither taken nor cancelled."""
-        with deferred_interrupts(), self._lock:
+        """A worker takes the job: True once, if it was neither taken nor cancelled. (I/O threads only:
+        no SIGINT reaches them, so nothing is held back here.)"""
+        with self._lock:
             if self._state != _Job.QUEUED:
                 return False
             self._state = _Job.RUNNING
