@@ -12,6 +12,16 @@ fraction of the stored expert bytes, default 0.1: below one token's working set 
 * ``resident``: the shipped engine at budget 1.0 (every expert stays resident once read): the decode
   speed no quality setting can beat on this model, since the copies only save loads. Its ratio to
   lossless is the ceiling of ``fast``'s speed-up here.
+* ``fast_resident``: the copies checkpoint at ``quality="fast"`` with every copy resident: ``fast``'s
+  speed with no load at all.
+
+The offline bound (``bound`` in the JSON): each decode step's routing is recorded, and Belady's optimum
+(``moe_engine.offline.simulator.belady_hit_rate``, the fewest loads any policy, with or without prefetch,
+can do with the system's slots) is compared with the loads the system made. The decode time each load
+costs here is measured as (1 / speed - 1 / resident speed) / loads per token, against the same copies
+all resident; ``fast`` making only Belady's loads at that cost would decode at ``projected_tok_s``, and
+its ratio to the measured lossless speed is the most this machine allows ``fast`` (a projection: it
+assumes the per-load cost stays what was measured).
 
 Decode: greedy generation of ``--new-tokens`` after a ``--prompt-tokens`` prompt from the validation text;
 decode tokens/s counts the tokens after the first (prefill excluded), timed per token; ``--repeats``
@@ -40,7 +50,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_WORK = Path("~/.cache/moe-engine/bench/quality_speed")
-SYSTEMS = ("shipped", "lossless", "balanced", "fast", "resident")
+SYSTEMS = ("shipped", "lossless", "balanced", "fast", "resident", "fast_resident")
 
 
 def _log(msg: str) -> None:
@@ -70,6 +80,8 @@ def _load(system: str, ckpt: Path, budget: float, threads: int):
         return moe_engine.from_pretrained(moe_engine.default_model_path(), budget=budget, device="cpu", threads=threads)
     # The same bytes as the shipped engine: a fraction of the *stored* expert bytes.
     stored = _stored_expert_bytes()
+    if system == "fast_resident":
+        system, budget = "fast", 1.0  # the copies are smaller than the stored experts: all of them fit
     return moe_engine.from_pretrained(ckpt, budget=int(budget * stored), device="cpu", threads=threads, quality=system)
 
 
@@ -80,22 +92,39 @@ def _stored_expert_bytes() -> int:
     return checkpoint_bytes(str(moe_engine.default_model_path())).expert_bytes
 
 
+def _loads(st) -> int:
+    return st.misses + st.prefetches  # every copy started: demand loads and prefetches
+
+
 def _decode(model, prompt, new_tokens: int) -> dict[str, Any]:
     import torch
     from transformers import StoppingCriteria, StoppingCriteriaList
 
+    from moe_engine.offline.trace_recorder import RouterHooks
+
     times: list[float] = []
+    routing: list[np.ndarray] = []  # [L, K] per decode step
+    first: list[Any] = []  # the stats once the prefill (and its token) is done
 
     class Stamp(StoppingCriteria):
         def __call__(self, input_ids, scores, **kwargs):
             times.append(time.perf_counter())
+            ids = hooks.take()[0]  # the routing of the forward pass that made this token
+            if len(times) == 1:
+                first.append(model.engine.stats())
+            else:
+                routing.append(ids[0].numpy())
             return torch.zeros(input_ids.shape[0], dtype=torch.bool)
 
     model.engine.reset_stats()
+    hooks = RouterHooks(model, gate_inputs=False)
     t0 = time.perf_counter()
-    with torch.no_grad():
-        out = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                             stopping_criteria=StoppingCriteriaList([Stamp()]))
+    try:
+        with torch.no_grad():
+            out = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                                 stopping_criteria=StoppingCriteriaList([Stamp()]))
+    finally:
+        hooks.remove()
     decode_s = times[-1] - times[0]
     st = model.engine.stats()
     return {
@@ -104,8 +133,32 @@ def _decode(model, prompt, new_tokens: int) -> dict[str, Any]:
         "tokens": out[0, prompt.shape[1]:].tolist(),
         "hit_rate": st.hit_rate, "misses": st.misses, "reduced_loads": st.reduced_loads,
         "bytes_moved": st.bytes_moved, "stall_s": st.stall_seconds, "peak_resident_bytes": st.peak_resident_bytes,
-        "budget_bytes": st.budget_bytes,
+        "budget_bytes": st.budget_bytes, "num_slots": st.num_slots,
+        "decode_loads_per_token": (_loads(st) - _loads(first[0])) / max(1, len(times) - 1),
+        "routing": np.stack(routing),
     }  # fmt: skip
+
+
+def _bound(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Belady's fewest loads for ``lossless`` and ``fast`` on their own decode routing and slots, the
+    per-load decode cost measured against the same copies all resident, and ``fast``'s projected speed
+    with only Belady's loads (see the module docstring)."""
+    from moe_engine.offline.simulator import belady_hit_rate
+
+    out: dict[str, Any] = {}
+    for system, resident in (("lossless", "resident"), ("fast", "fast_resident")):
+        r, base = results[system], results[resident]
+        ids = r["routing"]
+        accesses = ids.shape[1] * ids.shape[2]  # per token
+        belady = belady_hit_rate(ids, r["num_slots"])[0]
+        loads = r["decode_loads_per_token"]
+        per_load = (1 / r["decode_tok_s"] - 1 / base["decode_tok_s"]) / loads if loads else 0.0
+        best = (1 - belady) * accesses
+        out[system] = {"slots": r["num_slots"], "loads_per_token": loads, "belady_hit_rate": belady,
+                       "belady_loads_per_token": best, "per_load_ms": 1e3 * per_load,
+                       "projected_tok_s": 1 / (1 / base["decode_tok_s"] + best * per_load)}  # fmt: skip
+    out["fast_projected_vs_lossless"] = out["fast"]["projected_tok_s"] / results["lossless"]["decode_tok_s"]
+    return out
 
 
 def _perplexity(model, val: np.ndarray, tokens: int, seq_len: int = 256) -> dict[str, Any]:
@@ -169,14 +222,16 @@ def main(argv: list[str] | None = None) -> int:
             _log(f"round {rep + 1}: {system}: decode {r['decode_tok_s']:.1f} tok/s, hit rate {r['hit_rate']:.3f}, "
                  f"reduced loads {r['reduced_loads']}, moved {r['bytes_moved'] / 2**20:.1f} MiB")
     results: dict[str, Any] = {}
+    reps: dict[str, dict[str, Any]] = {}
     for system in SYSTEMS:
         med = statistics.median(r["decode_tok_s"] for r in runs[system])
-        rep = min(runs[system], key=lambda r: abs(r["decode_tok_s"] - med))
+        rep = reps[system] = min(runs[system], key=lambda r: abs(r["decode_tok_s"] - med))
         with _load(system, ckpt, args.budget, args.threads) as model:
             quality = _perplexity(model, val, args.eval_tokens)
-        results[system] = {**rep, "decode_tok_s_runs": [r["decode_tok_s"] for r in runs[system]], **{
+        results[system] = {**{k: v for k, v in rep.items() if k != "routing"}, "decode_tok_s_runs": [r["decode_tok_s"] for r in runs[system]], **{
             "perplexity": quality["ppl"], "ppl_tokens": quality["tokens"], "ppl_reduced_loads": quality["reduced_loads"]}}
         _log(f"{system}: median decode {med:.1f} tok/s, perplexity {quality['ppl']:.3f}")
+    bound = _bound(reps)
     base = results["lossless"]
     ratios = {
         s: {"decode_vs_lossless": results[s]["decode_tok_s"] / base["decode_tok_s"],
@@ -188,19 +243,26 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "quality_speed", "budget_fraction_of_stored": args.budget, "copy": args.copy,
         "threads": args.threads, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
         "repeats": args.repeats, "eval_tokens": args.eval_tokens, "machine": platform.platform(),
-        "torch": torch.__version__, "results": results, "ratios": ratios,
+        "torch": torch.__version__, "results": results, "ratios": ratios, "bound": bound,
         "acceptance": {"fast_decode_vs_lossless": ratios["fast"]["decode_vs_lossless"], "bar_decode": 1.5,
                        "ceiling_resident_vs_lossless": ratios["resident"]["decode_vs_lossless"],
+                       "fast_belady_projected_vs_lossless": bound["fast_projected_vs_lossless"],
                        "fast_ppl_increase": ratios["fast"]["ppl_increase_vs_shipped"], "bar_ppl": 0.05},
     }  # fmt: skip
     out = Path(args.out).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")
-    print(f"{'system':<10} {'decode tok/s':>12} {'x lossless':>10} {'ppl':>8} {'ppl +%':>7} {'reduced':>8} {'MiB moved':>9}")
+    print(f"{'system':<13} {'decode tok/s':>12} {'x lossless':>10} {'ppl':>8} {'ppl +%':>7} {'reduced':>8} {'MiB moved':>9}")
     for s in SYSTEMS:
         r = results[s]
-        print(f"{s:<10} {r['decode_tok_s']:>12.1f} {ratios[s]['decode_vs_lossless']:>10.2f} {r['perplexity']:>8.3f} "
+        print(f"{s:<13} {r['decode_tok_s']:>12.1f} {ratios[s]['decode_vs_lossless']:>10.2f} {r['perplexity']:>8.3f} "
               f"{100 * ratios[s]['ppl_increase_vs_shipped']:>7.2f} {r['reduced_loads']:>8} {r['bytes_moved'] / 2**20:>9.1f}")
+    for s in ("lossless", "fast"):
+        b = bound[s]
+        print(f"{s}: {b['slots']} slots, {b['loads_per_token']:.1f} loads per decode token (Belady's fewest "
+              f"{b['belady_loads_per_token']:.1f}), {b['per_load_ms']:.2f} ms of decode per load; with Belady's loads "
+              f"{b['projected_tok_s']:.1f} tok/s")
+    print(f"fast with Belady's loads, projected: {bound['fast_projected_vs_lossless']:.2f}x the measured lossless speed")
     print(f"wrote {out}")
     return 0
 

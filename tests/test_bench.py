@@ -317,3 +317,22 @@ def test_package_exports_resolve() -> None:
     assert all(callable(getattr(bench, name)) for name in bench.__all__)
     with pytest.raises(AttributeError, match="no attribute 'bench_offload'"):
         bench.bench_offload  # noqa: B018  (the old module name is gone)
+
+
+def test_quality_speed_bound_projects_belady_loads_at_the_measured_cost_per_load() -> None:
+    import numpy as np
+    from moe_engine.benchmarks.quality_speed import _bound
+
+    # One MoE layer, top-1, 2 slots, experts A B A C A B: Belady loads A, B, C (evicting B, used last), B:
+    # 4 loads over 6 tokens.
+    ids = np.array([0, 1, 0, 2, 0, 1]).reshape(6, 1, 1)
+    def run(tok_s: float, loads: float) -> dict:
+        return {"routing": ids, "num_slots": 2, "decode_tok_s": tok_s, "decode_loads_per_token": loads}
+    # 10 ms per token resident; 20 ms with 5 loads per token: 2 ms per load.
+    res = {"lossless": run(50.0, 5.0), "resident": run(100.0, 0.0), "fast": run(50.0, 5.0),
+           "fast_resident": run(100.0, 0.0)}  # fmt: skip
+    b = _bound(res)
+    assert b["fast"]["belady_loads_per_token"] == pytest.approx(4 / 6)
+    assert b["fast"]["per_load_ms"] == pytest.approx(2.0)
+    assert b["fast"]["projected_tok_s"] == pytest.approx(1 / (0.010 + (4 / 6) * 0.002))
+    assert b["fast_projected_vs_lossless"] == pytest.approx(b["fast"]["projected_tok_s"] / 50.0)

@@ -82,8 +82,9 @@ def split_into_sequences(ids: Sequence[int], seq_len: int) -> list[list[int]]:
     return [ids[i : i + seq_len] for i in range(0, len(ids), seq_len)]
 
 
-class _RouterHooks:
-    """Forward hooks on each MoE block's router; per call, one [N, K] ids/weights (+ [N, H] input) per layer."""
+class RouterHooks:
+    """Forward hooks on each MoE block's router; per call, one [N, K] ids/weights (+ [N, H] input) per layer.
+    ``take()`` after each forward pass; ``remove()`` when done (``record_trace``, ``benchmarks/quality_speed.py``)."""
 
     def __init__(self, model: nn.Module, gate_inputs: bool) -> None:
         self.blocks = _moe_blocks(model)
@@ -156,7 +157,7 @@ def record_trace(
     seqs = [list(s) for s in sequences if len(s) > 0]
     if not seqs:
         raise ValueError("no tokens to trace (empty text?)")
-    hooks = _RouterHooks(model, gate_inputs)
+    hooks = RouterHooks(model, gate_inputs)
     device = next(model.parameters()).device
     # Group by length, keep original order inside groups; write results back by index.
     by_len: dict[int, list[int]] = {}
