@@ -92,14 +92,11 @@ def _stored_expert_bytes() -> int:
     return checkpoint_bytes(str(moe_engine.default_model_path())).expert_bytes
 
 
-def _loads(st) -> int:
-    return st.misses + st.prefetches  # every copy started: demand loads and prefetches
-
-
 def _decode(model, prompt, new_tokens: int) -> dict[str, Any]:
     import torch
     from transformers import StoppingCriteria, StoppingCriteriaList
 
+    from moe_engine.bench.worker import _decode_delta, _scalar_stats
     from moe_engine.offline.trace_recorder import RouterHooks
 
     times: list[float] = []
@@ -111,7 +108,7 @@ def _decode(model, prompt, new_tokens: int) -> dict[str, Any]:
             times.append(time.perf_counter())
             ids = hooks.take()[0]  # the routing of the forward pass that made this token
             if len(times) == 1:
-                first.append(model.engine.stats())
+                first.append(_scalar_stats(model.engine.stats()))
             else:
                 routing.append(ids[0].numpy())
             return torch.zeros(input_ids.shape[0], dtype=torch.bool)
@@ -127,6 +124,7 @@ def _decode(model, prompt, new_tokens: int) -> dict[str, Any]:
         hooks.remove()
     decode_s = times[-1] - times[0]
     st = model.engine.stats()
+    decode = _decode_delta(first[0], _scalar_stats(st))  # the bench's decode-only counters
     return {
         "prefill_s": times[0] - t0,
         "decode_tok_s": (len(times) - 1) / decode_s if decode_s > 0 else None,
@@ -134,7 +132,8 @@ def _decode(model, prompt, new_tokens: int) -> dict[str, Any]:
         "hit_rate": st.hit_rate, "misses": st.misses, "reduced_loads": st.reduced_loads,
         "bytes_moved": st.bytes_moved, "stall_s": st.stall_seconds, "peak_resident_bytes": st.peak_resident_bytes,
         "budget_bytes": st.budget_bytes, "num_slots": st.num_slots,
-        "decode_loads_per_token": (_loads(st) - _loads(first[0])) / max(1, len(times) - 1),
+        # every copy started during decode: demand loads and prefetches
+        "decode_loads_per_token": (decode["misses"] + decode["prefetches"]) / max(1, len(times) - 1),
         "routing": np.stack(routing),
     }  # fmt: skip
 
